@@ -1,0 +1,157 @@
+"""Hypergradients of the validation loss with respect to per-trajectory weights (pure torch).
+
+The bilevel problem, with one inner step as the lookahead (B rows, weights of mean 1):
+
+    θ'(w) = θ − α/B · Σᵢ wᵢ ∇ℓᵢ(θ)          (inner: weighted SFT step)
+    ∂L_val(θ'(w))/∂wᵢ = −α/B · ⟨∇L_val(θ'), ∇ℓᵢ(θ)⟩
+
+* :func:`first_order_hypergradient` (default) takes v = ∇L_val(θ) and estimates every ⟨v, ∇ℓᵢ⟩ with a finite
+  difference along v: one backward on the validation batch plus one no-grad forward of the inner batch at
+  θ + εv (two for the central difference). No second derivatives, so SDPA / flash attention and bf16 work.
+* :func:`exact_hypergradient` differentiates through the unrolled step with ``create_graph``; it is the
+  reference for small models and needs an attention kernel with double backward (math SDPA or eager).
+
+Both take the parameters as a name → tensor mapping and two functions of such a mapping, so the same code serves
+an HF policy (through ``torch.func.functional_call``) and the closed-form toys in the tests.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+Params = Mapping[str, Tensor]
+
+
+@dataclass
+class Hypergradient:
+    """Result of one hypergradient evaluation.
+
+    Attributes:
+        grad_weights: [B] ∂L_val/∂wᵢ.
+        val_loss: Validation loss at the point where v was taken (detached scalar).
+        v_norm: ‖∇L_val‖ over the trainable parameters (detached scalar).
+        directional: [B] ⟨∇L_val, ∇ℓᵢ⟩ estimates (detached).
+    """
+
+    grad_weights: Tensor
+    val_loss: Tensor
+    v_norm: Tensor
+    directional: Tensor
+
+    def is_finite(self) -> bool:
+        """True when every returned quantity is finite (a non-finite one must never reach the head)."""
+        return bool(torch.isfinite(self.grad_weights).all() and torch.isfinite(self.val_loss))
+
+
+def first_order_hypergradient(
+    params: Params,
+    inner_losses: Callable[[Params], Tensor],
+    val_loss: Callable[[Params], Tensor],
+    lr: float,
+    base_losses: Tensor | None = None,
+    eps: float = 1e-2,
+    central: bool = False,
+) -> Hypergradient:
+    """Finite-difference hypergradient ∂L_val/∂w ≈ −α/B · [ℓ(θ + εv) − ℓ(θ)] / ε, v = ∇L_val(θ).
+
+    Args:
+        params: The live trainable parameters θ (e.g. the LoRA tensors). They are read, never modified.
+        inner_losses: θ ↦ per-trajectory inner losses [B]; called under ``torch.no_grad``.
+        val_loss: θ ↦ scalar validation loss; differentiated once.
+        lr: α, the inner learning rate of the lookahead step (scales the result only).
+        base_losses: ℓ(θ) [B] if the caller already has it (the inner step computed it): saves one forward.
+        eps: Length of the probe step along v; the step is ε/‖v‖·v so its norm is ``eps`` whatever ‖v‖ is.
+        central: Use [ℓ(θ+εv) − ℓ(θ−εv)] / 2ε (second-order accurate, one more forward).
+    """
+    names = list(params)
+    live = [params[n] for n in names]
+    val = val_loss(params)
+    grads = torch.autograd.grad(val, live, allow_unused=True)
+    v = [torch.zeros_like(p) if g is None else g.detach() for p, g in zip(live, grads)]
+    v_norm = torch.sqrt(sum((_up(g) ** 2).sum() for g in v))
+    step = eps / v_norm.clamp(min=1e-12)
+
+    with torch.no_grad():
+        def shifted(sign: float) -> dict[str, Tensor]:
+            return {n: (_up(p.detach()) + sign * step * _up(g)).to(p.dtype) for n, p, g in zip(names, live, v)}
+
+        plus = _up(inner_losses(shifted(1.0)))
+        if central:
+            directional = (plus - _up(inner_losses(shifted(-1.0)))) / (2 * step)
+        else:
+            base = inner_losses({n: p.detach() for n, p in zip(names, live)}) if base_losses is None else base_losses
+            directional = (plus - _up(base.detach())) / step
+    batch = directional.shape[0]
+    return Hypergradient(
+        grad_weights=-lr * directional / batch,
+        val_loss=val.detach(),
+        v_norm=v_norm.detach(),
+        directional=directional.detach(),
+    )
+
+
+def exact_hypergradient(
+    params: Params,
+    inner_losses: Callable[[Params], Tensor],
+    val_loss: Callable[[Params], Tensor],
+    weights: Tensor,
+    lr: float,
+) -> Hypergradient:
+    """Exact one-step unrolled hypergradient (second-order autograd through the inner step).
+
+    Runs with SDPA forced to its math kernel, the only one that can differentiate twice; eager attention works as
+    is. Flash-attention kernels raise a clear error.
+
+    Args:
+        params: The live trainable parameters θ (read, never modified).
+        inner_losses: θ ↦ per-trajectory inner losses [B], differentiable in θ.
+        val_loss: θ ↦ scalar validation loss.
+        weights: [B] the weights w at which the hypergradient is taken.
+        lr: α, the inner learning rate of the unrolled step.
+    """
+    names = list(params)
+    theta = {n: params[n].detach().clone().requires_grad_(True) for n in names}
+    w = weights.detach().clone().requires_grad_(True)
+    batch = w.shape[0]
+    try:
+        with _math_attention():
+            inner = (w * inner_losses(theta)).sum() / batch
+            grads = torch.autograd.grad(inner, list(theta.values()), create_graph=True, allow_unused=True)
+            updated = {n: theta[n] - lr * g if g is not None else theta[n] for n, g in zip(names, grads)}
+            val = val_loss(updated)
+            outs = torch.autograd.grad(val, [w, *updated.values()], allow_unused=True)
+    except RuntimeError as err:
+        if "derivative for" in str(err) or "double backward" in str(err) or "not implemented" in str(err):
+            raise RuntimeError(
+                "the exact hypergradient differentiates twice through attention, which this attention kernel "
+                "cannot do; build the policy with attn_implementation='eager' (or 'sdpa', run under the math "
+                f"kernel) or use hypergradient='first_order'. Original error: {err}"
+            ) from err
+        raise
+    grad_w = outs[0].detach()
+    v = [g for g in outs[1:] if g is not None]
+    v_norm = torch.sqrt(sum((_up(g) ** 2).sum() for g in v)) if v else grad_w.new_zeros(())
+    return Hypergradient(
+        grad_weights=grad_w,
+        val_loss=val.detach(),
+        v_norm=v_norm.detach(),
+        directional=(-grad_w * batch / lr).detach(),
+    )
+
+
+def _up(x: Tensor) -> Tensor:
+    """At least float32: differences of bf16 losses would drown in rounding."""
+    return x.to(torch.promote_types(x.dtype, torch.float32))
+
+
+@contextlib.contextmanager
+def _math_attention():
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    with sdpa_kernel(SDPBackend.MATH):
+        yield

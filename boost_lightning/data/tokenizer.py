@@ -1,0 +1,73 @@
+"""Tokenizers: load any HF tokenizer, or train a small ChatML byte-level BPE one in memory.
+
+The small tokenizer is what tests and the embedded tasks use: it needs no download, trains in well under a second
+on a few thousand trajectories, round-trips text exactly (byte-level) and carries a ChatML chat template, so the
+same agent-turn masking code runs on it and on real chat models.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from pathlib import Path
+
+from transformers import AutoTokenizer, PreTrainedTokenizerBase, PreTrainedTokenizerFast
+
+CHATML_TEMPLATE = (
+    "{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+SPECIAL_TOKENS = ["<pad>", "<unk>", "<|im_start|>", "<|im_end|>"]
+
+
+def train_chat_tokenizer(texts: Iterable[str], vocab_size: int = 1024) -> PreTrainedTokenizerFast:
+    """Train a byte-level BPE tokenizer with a ChatML template on ``texts``.
+
+    Args:
+        texts: Training corpus (e.g. every message content of the training files).
+        vocab_size: Target vocabulary size, special tokens included.
+
+    Returns:
+        A fast tokenizer whose ``eos_token`` is the end-of-turn token ``<|im_end|>``.
+    """
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=SPECIAL_TOKENS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(["user", "assistant", "system", *texts], trainer=trainer)
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        pad_token="<pad>",
+        unk_token="<unk>",
+        bos_token="<|im_start|>",
+        eos_token="<|im_end|>",
+    )
+    fast.chat_template = CHATML_TEMPLATE
+    return fast
+
+
+def load_tokenizer(spec: str | PreTrainedTokenizerBase, trust_remote_code: bool = False) -> PreTrainedTokenizerBase:
+    """Resolve a tokenizer from an object, a local directory, an HF name or ``embedded:<task>``.
+
+    ``embedded:<task>`` is the tokenizer saved next to an embedded task's generated data (generated on first use).
+    A tokenizer without a pad token gets its eos token as pad token.
+    """
+    if isinstance(spec, PreTrainedTokenizerBase):
+        tok = spec
+    elif isinstance(spec, str) and spec.startswith("embedded:"):
+        from boost_lightning.envs.embedded import ensure_embedded
+
+        tok = AutoTokenizer.from_pretrained(str(Path(ensure_embedded(spec.split(":", 1)[1])) / "tokenizer"))
+    else:
+        tok = AutoTokenizer.from_pretrained(str(spec), trust_remote_code=trust_remote_code)
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    return tok

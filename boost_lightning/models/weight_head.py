@@ -1,0 +1,177 @@
+"""The reweighting head: a small MLP from detached trajectory features to one weight per trajectory.
+
+Weights are normalised per batch to mean 1, so the weighted inner loss stays on the scale of plain SFT and the
+policy learning rate keeps its meaning. The last layer starts at zero: every score is 0, every weight is 1, and
+BOOST starts exactly as plain SFT on the mix.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor, nn
+
+from boost_lightning.models.features import SCALAR_FEATURES, validate_feature_names
+
+
+class RunningNorm(nn.Module):
+    """Standardise features with running mean/variance, updated explicitly by :meth:`update`.
+
+    Unlike batch statistics, the transform of one trajectory does not depend on the rest of its batch, so the
+    head's scores are invariant to how a batch is split.
+    """
+
+    def __init__(self, num_features: int, momentum: float = 0.05, eps: float = 1e-5) -> None:
+        super().__init__()
+        self.momentum, self.eps = momentum, eps
+        self.register_buffer("mean", torch.zeros(num_features))
+        self.register_buffer("var", torch.ones(num_features))
+        self.register_buffer("initialized", torch.zeros((), dtype=torch.bool))
+
+    @torch.no_grad()
+    def update(self, x: Tensor) -> None:
+        """Fold a batch of raw features into the running statistics."""
+        if x.shape[1] == 0 or x.shape[0] == 0:
+            return
+        mean, var = x.mean(0), x.var(0, unbiased=False)
+        if not bool(self.initialized):
+            self.mean.copy_(mean)
+            self.var.copy_(var)
+            self.initialized.fill_(True)
+        else:
+            self.mean.lerp_(mean, self.momentum)
+            self.var.lerp_(var, self.momentum)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return (x - self.mean) / torch.sqrt(self.var + self.eps)
+
+
+class WeightHead(nn.Module):
+    """Lightweight reweighting head: detached per-trajectory features → one weight per trajectory (mean 1).
+
+    Args:
+        features: Features the head sees, any of ``hidden`` (pooled policy hidden state), ``loss`` (agent-token
+            NLL), ``surprise`` (observation-token NLL), ``reward`` (trajectory return), ``source`` (1 for
+            synthetic), ``length`` (log token count), ``turns`` (agent turns).
+        hidden_size: Size of the policy's hidden state; filled in from the policy when left unset.
+        hidden_projection: The pooled hidden state is first projected to this many dimensions.
+        mlp_width: Width of the MLP's hidden layers.
+        num_layers: Number of linear layers (≥ 1). The last one is zero-initialised.
+        normalization: ``softmax`` (w = B·softmax(s/T)) or ``sigmoid`` (w = σ(s/T) / mean σ(s/T)).
+        temperature: Softmax/sigmoid temperature T; larger is flatter.
+        clip: If set, no weight exceeds this value (weights are clipped, then renormalised to mean 1).
+        regularizer: ``none``, ``ess`` (penalise 1 − ESS/B) or ``entropy`` (penalise 1 − H(w/B)/log B): pulls
+            the weights toward uniform, trading lower empirical risk for a larger effective sample size.
+        regularizer_strength: Coefficient of the regulariser in the outer objective.
+    """
+
+    def __init__(
+        self,
+        features: Sequence[str] = ("hidden", "loss", "surprise", "reward", "source", "length", "turns"),
+        hidden_size: int | None = None,
+        hidden_projection: int = 32,
+        mlp_width: int = 64,
+        num_layers: int = 2,
+        normalization: str = "softmax",
+        temperature: float = 1.0,
+        clip: float | None = None,
+        regularizer: str = "none",
+        regularizer_strength: float = 0.0,
+    ) -> None:
+        super().__init__()
+        if normalization not in ("softmax", "sigmoid"):
+            raise ValueError(f"normalization must be 'softmax' or 'sigmoid', got {normalization!r}")
+        if regularizer not in ("none", "ess", "entropy"):
+            raise ValueError(f"regularizer must be 'none', 'ess' or 'entropy', got {regularizer!r}")
+        if num_layers < 1:
+            raise ValueError("num_layers must be >= 1")
+        if temperature <= 0:
+            raise ValueError("temperature must be > 0")
+        if clip is not None and clip <= 1.0:
+            raise ValueError("clip must be > 1 (weights have mean 1)")
+        self.features = validate_feature_names(features)
+        self.scalar_names = tuple(n for n in SCALAR_FEATURES if n in self.features)
+        self.normalization, self.temperature, self.clip = normalization, temperature, clip
+        self.regularizer, self.regularizer_strength = regularizer, regularizer_strength
+        self.hidden_projection, self.mlp_width, self.num_layers = hidden_projection, mlp_width, num_layers
+        self.hidden_size: int | None = None
+        self.norm = RunningNorm(len(self.scalar_names))
+        if hidden_size is not None or "hidden" not in self.features:
+            self.bind(hidden_size or 0)
+
+    @property
+    def uses_hidden(self) -> bool:
+        return "hidden" in self.features
+
+    def bind(self, hidden_size: int) -> None:
+        """Build the layers for a policy whose pooled hidden state has ``hidden_size`` dimensions."""
+        if self.hidden_size is not None:
+            if self.uses_hidden and hidden_size != self.hidden_size:
+                raise ValueError(f"head was built for hidden size {self.hidden_size}, policy has {hidden_size}")
+            return
+        self.hidden_size = hidden_size
+        in_dim = len(self.scalar_names)
+        if self.uses_hidden:
+            # LayerNorm without affine: pooled states of different models live on very different scales.
+            self.project = nn.Sequential(nn.LayerNorm(hidden_size, elementwise_affine=False),
+                                         nn.Linear(hidden_size, self.hidden_projection))
+            in_dim += self.hidden_projection
+        layers: list[nn.Module] = []
+        for _ in range(self.num_layers - 1):
+            layers += [nn.Linear(in_dim, self.mlp_width), nn.GELU()]
+            in_dim = self.mlp_width
+        last = nn.Linear(in_dim, 1)
+        nn.init.zeros_(last.weight)
+        nn.init.zeros_(last.bias)
+        self.mlp = nn.Sequential(*layers, last)
+
+    def scores(self, scalars: Tensor, pooled: Tensor | None = None) -> Tensor:
+        """Unnormalised scores [B] from scalar features [B, k] (raw) and the pooled hidden state [B, H]."""
+        if self.hidden_size is None:
+            raise RuntimeError("WeightHead.bind(hidden_size) must be called before use")
+        parts = [self.norm(scalars)]
+        if self.uses_hidden:
+            if pooled is None:
+                raise ValueError("this head uses the 'hidden' feature but no pooled state was given")
+            parts.insert(0, self.project(pooled.float()))
+        return self.mlp(torch.cat(parts, dim=1)).squeeze(1)
+
+    def observe(self, scalars: Tensor) -> None:
+        """Fold a training batch's raw scalar features into the running feature statistics (once per batch)."""
+        self.norm.update(scalars)
+
+    def normalize(self, scores: Tensor) -> Tensor:
+        """Scores [B] → weights [B] with mean 1 (differentiable)."""
+        batch = scores.shape[0]
+        z = scores / self.temperature
+        if self.normalization == "softmax":
+            weights = torch.softmax(z, dim=0) * batch
+        else:
+            sig = torch.sigmoid(z)
+            weights = sig / sig.mean()
+        if self.clip is not None:
+            weights = weights.clamp(max=self.clip)
+            weights = weights / weights.mean()
+        return weights
+
+    def forward(self, scalars: Tensor, pooled: Tensor | None = None) -> Tensor:
+        """Weights [B] (mean 1) for one batch."""
+        return self.normalize(self.scores(scalars, pooled))
+
+    def regularization(self, weights: Tensor) -> Tensor:
+        """The ESS / entropy penalty of ``weights`` (0 when disabled)."""
+        if self.regularizer == "none" or self.regularizer_strength == 0:
+            return weights.new_zeros(())
+        if self.regularizer == "ess":
+            penalty = 1.0 - effective_sample_size(weights) / weights.shape[0]
+        else:
+            p = weights / weights.sum()
+            entropy = -(p * torch.log(p.clamp(min=1e-12))).sum()
+            penalty = 1.0 - entropy / torch.log(torch.tensor(float(max(weights.shape[0], 2))))
+        return self.regularizer_strength * penalty
+
+
+def effective_sample_size(weights: Tensor) -> Tensor:
+    """Kish effective sample size (Σw)² / Σw² (equals B for uniform weights)."""
+    return weights.sum() ** 2 / (weights.pow(2).sum()).clamp(min=1e-12)

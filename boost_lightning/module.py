@@ -1,0 +1,448 @@
+"""BoostModule: the bilevel training loop of BOOST as a LightningModule (manual optimisation).
+
+One training step, top to bottom:
+
+    inner  forward the mixed batch → per-trajectory losses ℓᵢ and detached features
+           wᵢ = head(features) (detached; or a baseline weighting)     L_in = Σ wᵢℓᵢ / Σ wᵢ
+           policy_opt: zero_grad → manual_backward(L_in)
+    outer  every ``outer_every_n_steps`` inner steps (after ``head_warmup_steps``):
+           g = ∂L_val(θ')/∂w  (hypergradient at the same θ the inner gradient was taken at)
+           head_opt: zero_grad → manual_backward(Σ gᵢ·wᵢ(φ) + regulariser) → clip → step
+    inner  policy_opt: clip → step
+
+The hypergradient is taken before the policy steps so that v = ∇L_val and the finite-difference probe see the
+same θ as the inner gradient (the one-step lookahead of DESIGN.md). It reads the live LoRA tensors but probes
+θ + εv functionally, so the pending policy gradient is untouched.
+
+``trainer.global_step`` counts every optimizer ``.step()`` of both levels; the explicit ``inner_steps`` and
+``outer_steps`` counters (logged, checkpointed) are what ``max_inner_steps`` reads.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+from lightning.pytorch import LightningModule
+from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+from torch import Tensor
+from torchmetrics import MeanMetric
+
+from boost_lightning.baselines.weighting import (
+    FIXED_WEIGHTINGS,
+    WEIGHTINGS,
+    RunningBaseline,
+    fixed_weights,
+    l2rw_weights,
+)
+from boost_lightning.bilevel.hypergradient import Hypergradient, exact_hypergradient, first_order_hypergradient
+from boost_lightning.models.features import scalar_features
+from boost_lightning.models.policy import PolicyModel, TrajectoryOutput
+from boost_lightning.models.weight_head import WeightHead, effective_sample_size
+from boost_lightning.objectives import advantage_weighted, behaviour_cloning, filtered_bc, reward_weighted, weighted_loss
+
+OBJECTIVES = ("bc", "filtered_bc", "reward_weighted", "advantage_weighted")
+
+
+class FaultLimitError(RuntimeError):
+    """Raised when too many consecutive steps had to be skipped for non-finite values."""
+
+
+class BoostModule(LightningModule):
+    """BOOST: learn one weight per trajectory so that training on the weighted mix helps held-out real tasks.
+
+    Args:
+        policy: The inner-level learner (an HF causal LM with LoRA).
+        head: The reweighting head (outer level). Built with default settings when omitted.
+        policy_optimizer: Optimizer of the policy's trainable (LoRA) parameters. Default: AdamW(lr=1e-4).
+        head_optimizer: Optimizer of the head. Default: Adam(lr=1e-3).
+        policy_scheduler: Optional LR scheduler of the policy optimizer, stepped once per inner step.
+        head_scheduler: Optional LR scheduler of the head optimizer, stepped once per outer step.
+        weighting: ``learned`` (BOOST) or a baseline: ``uniform``, ``real_only``, ``synthetic_only``,
+            ``filtered_bc``, ``return_weighted``, ``advantage_weighted``, ``l2rw``.
+        objective: Per-trajectory inner loss: ``bc`` (agent-token NLL), ``filtered_bc`` (NLL on the top
+            ``objective_fraction`` by return), ``reward_weighted`` or ``advantage_weighted`` (exp(β·(R − b))·NLL).
+        objective_beta: β of the exponentiated objectives.
+        objective_fraction: Kept fraction of the ``filtered_bc`` objective.
+        filter_fraction: ``filtered_bc`` weighting: fraction of synthetic rows kept per batch.
+        weighting_temperature: α of the ``return_weighted`` / ``advantage_weighted`` weightings.
+        hypergradient: ``first_order`` (finite differences, no double backward) or ``exact`` (unrolled step,
+            needs eager or math attention; a reference for small models).
+        lookahead_lr: α of the one-step lookahead θ' = θ − α∇L_in. Defaults to the policy optimizer's lr.
+        fd_eps: Norm of the finite-difference probe step along v = ∇L_val.
+        fd_central: Central differences (one more forward of the inner batch per outer step).
+        outer_every_n_steps: An outer (head) update every this many inner steps.
+        head_warmup_steps: Inner steps of plain weighted SFT before the first outer update.
+        inner_accumulate_grad_batches: Batches whose inner gradients are accumulated per policy step.
+        outer_accumulate_grad_batches: Hypergradients accumulated per head step.
+        micro_batch_size: Split the inner batch into chunks of this many rows for forward/backward (memory);
+            the weights are computed on the whole batch first, so the result does not depend on the split.
+        policy_grad_clip: Max global grad norm of the policy (None: off).
+        head_grad_clip: Max global grad norm of the head (None: off).
+        max_inner_steps: Stop after this many inner steps (``trainer.max_steps`` counts both levels).
+        max_consecutive_faults: Stop with an error after this many consecutive skipped steps.
+    """
+
+    def __init__(
+        self,
+        policy: PolicyModel,
+        head: WeightHead | None = None,
+        policy_optimizer: OptimizerCallable | None = None,
+        head_optimizer: OptimizerCallable | None = None,
+        policy_scheduler: LRSchedulerCallable | None = None,
+        head_scheduler: LRSchedulerCallable | None = None,
+        weighting: str = "learned",
+        objective: str = "bc",
+        objective_beta: float = 1.0,
+        objective_fraction: float = 0.5,
+        filter_fraction: float = 0.5,
+        weighting_temperature: float = 0.1,
+        hypergradient: str = "first_order",
+        lookahead_lr: float | None = None,
+        fd_eps: float = 1e-2,
+        fd_central: bool = False,
+        outer_every_n_steps: int = 1,
+        head_warmup_steps: int = 0,
+        inner_accumulate_grad_batches: int = 1,
+        outer_accumulate_grad_batches: int = 1,
+        micro_batch_size: int | None = None,
+        policy_grad_clip: float | None = 1.0,
+        head_grad_clip: float | None = 1.0,
+        max_inner_steps: int | None = None,
+        max_consecutive_faults: int = 10,
+    ) -> None:
+        super().__init__()
+        if weighting not in WEIGHTINGS:
+            raise ValueError(f"weighting must be one of {list(WEIGHTINGS)}, got {weighting!r}")
+        if objective not in OBJECTIVES:
+            raise ValueError(f"objective must be one of {list(OBJECTIVES)}, got {objective!r}")
+        if hypergradient not in ("first_order", "exact"):
+            raise ValueError(f"hypergradient must be 'first_order' or 'exact', got {hypergradient!r}")
+        for name, value in (("outer_every_n_steps", outer_every_n_steps),
+                            ("inner_accumulate_grad_batches", inner_accumulate_grad_batches),
+                            ("outer_accumulate_grad_batches", outer_accumulate_grad_batches),
+                            ("max_consecutive_faults", max_consecutive_faults)):
+            if value < 1:
+                raise ValueError(f"{name} must be >= 1, got {value}")
+        self.save_hyperparameters(ignore=["policy", "head", "policy_optimizer", "head_optimizer",
+                                          "policy_scheduler", "head_scheduler"])
+        self.automatic_optimization = False
+        # Checkpoints hold the trainable tensors only (LoRA, head); the frozen base model is rebuilt from its
+        # path or config, so loading is intentionally non-strict about it.
+        self.strict_loading = False
+        self.policy = policy
+        self.head = head if head is not None else WeightHead()
+        self.head.bind(policy.hidden_size)
+        self.policy_optimizer, self.head_optimizer = policy_optimizer, head_optimizer
+        self.policy_scheduler, self.head_scheduler = policy_scheduler, head_scheduler
+        self.inner_steps = 0
+        self.outer_steps = 0
+        self.faults: dict[str, int] = {"inner_loss": 0, "weights": 0, "hypergrad": 0, "grad": 0}
+        self._consecutive_faults = 0
+        self._batches_seen = 0
+        self._outer_evals = 0
+        self.aw_baseline = RunningBaseline()
+        self.val_loss = MeanMetric()
+        self.val_accuracy = MeanMetric()
+
+    # -- optimisers ---------------------------------------------------------------------------------------------
+    def configure_optimizers(self) -> list[dict[str, Any]]:
+        policy_params = list(self.policy.trainable_named_parameters().values())
+        policy_opt = (self.policy_optimizer or _default_adamw)(policy_params)
+        head_opt = (self.head_optimizer or _default_adam)(self.head.parameters())
+        configs = []
+        for opt, sched in ((policy_opt, self.policy_scheduler), (head_opt, self.head_scheduler)):
+            entry: dict[str, Any] = {"optimizer": opt}
+            if sched is not None:
+                entry["lr_scheduler"] = {"scheduler": sched(opt), "interval": "step"}
+            configs.append(entry)
+        return configs
+
+    @property
+    def uses_hypergradient(self) -> bool:
+        return self.hparams.weighting in ("learned", "l2rw")
+
+    # -- training -----------------------------------------------------------------------------------------------
+    def training_step(self, batch: Mapping[str, Mapping[str, Any]], batch_idx: int) -> dict[str, Tensor] | None:
+        inner, outer = batch["inner"], batch["outer"]
+        policy_opt, head_opt = self.optimizers()
+        accumulate = self.hparams.inner_accumulate_grad_batches
+        first_of_cycle = self._batches_seen % accumulate == 0
+        last_of_cycle = (self._batches_seen + 1) % accumulate == 0
+        self._batches_seen += 1
+
+        # ---- inner level: weights (detached) → weighted loss → backward -------------------------------------
+        outer_due = self._outer_due()
+        out, weights, directional, hypergrad = self._inner_weights(inner, outer, outer_due)
+        if not torch.isfinite(weights).all():
+            return self._skip("weights", policy_opt)
+        if first_of_cycle:
+            policy_opt.zero_grad()
+        inner_loss = self._inner_backward(inner, out, weights, scale=1.0 / accumulate)
+        if not torch.isfinite(inner_loss):
+            return self._skip("inner_loss", policy_opt)
+
+        # ---- outer level: hypergradient → head step ---------------------------------------------------------
+        if outer_due and self.hparams.weighting == "learned":
+            if hypergrad is None:
+                hypergrad = self._hypergradient(inner, outer, out, weights)
+            if hypergrad.is_finite():
+                self._outer_update(head_opt, inner, out, hypergrad)
+            else:
+                self._count_fault("hypergrad")
+                head_opt.zero_grad()
+
+        # ---- inner level: clip → step -----------------------------------------------------------------------
+        if last_of_cycle:
+            if not _grads_finite(policy_opt):
+                return self._skip("grad", policy_opt)
+            self._clip(policy_opt, self.hparams.policy_grad_clip)
+            policy_opt.step()
+            self._step_scheduler(0)
+            self.inner_steps += 1
+            self._consecutive_faults = 0
+        if self.hparams.max_inner_steps is not None and self.inner_steps >= self.hparams.max_inner_steps:
+            self.trainer.should_stop = True
+
+        self._log_inner(inner, out, weights, inner_loss, hypergrad)
+        return {"weights": weights.detach(), "is_synthetic": inner["is_synthetic"].detach(),
+                "directional": directional.detach() if directional is not None else None}
+
+    def _outer_due(self) -> bool:
+        if not self.uses_hypergradient:
+            return False
+        if self.hparams.weighting == "l2rw":
+            return True
+        past_warmup = self.inner_steps >= self.hparams.head_warmup_steps
+        return past_warmup and self.inner_steps % self.hparams.outer_every_n_steps == 0
+
+    def _inner_weights(self, inner, outer, outer_due: bool):
+        """Forward the inner batch and decide its weights [B] (detached)."""
+        micro = self.hparams.micro_batch_size
+        if micro is not None and micro < inner["input_ids"].shape[0]:
+            # Weights are a function of the whole batch (per-batch normalisation), so they are computed on a
+            # no-grad pass first and the chunks are then forwarded again with grad (one extra forward).
+            with torch.no_grad():
+                out = _cat_outputs([self.policy.trajectory_forward(c) for c in _chunks(inner, micro)])
+        else:
+            out = self.policy.trajectory_forward(inner)
+        directional, hypergrad = None, None
+        name = self.hparams.weighting
+        if name == "learned":
+            scalars = scalar_features(out, inner, self.head.scalar_names)
+            if not (torch.isfinite(scalars).all() and torch.isfinite(out.pooled).all()):
+                # A non-finite feature (e.g. a NaN reward) must not reach the head's running statistics.
+                return out, torch.full_like(out.loss, float("nan")).detach(), None, None
+            self.head.observe(scalars)
+            with torch.no_grad():
+                weights = self.head(scalars, out.pooled)
+        elif name == "l2rw":
+            hypergrad = self._hypergradient(inner, outer, out, torch.ones_like(out.loss))
+            directional = hypergrad.directional
+            weights = l2rw_weights(directional)
+        else:
+            baseline = 0.0
+            if name == "advantage_weighted":
+                baseline = self.aw_baseline.update_and_predict(inner["reward"], inner["length"], inner["num_turns"])
+            weights = fixed_weights(name, inner["is_synthetic"], inner["reward"], self.hparams.filter_fraction,
+                                    self.hparams.weighting_temperature, baseline)
+        return out, weights.detach(), directional, hypergrad
+
+    def _objective(self, losses: Tensor, reward: Tensor) -> Tensor:
+        hp = self.hparams
+        if hp.objective == "filtered_bc":
+            return filtered_bc(losses, reward, hp.objective_fraction)
+        if hp.objective == "reward_weighted":
+            return reward_weighted(losses, reward, hp.objective_beta)
+        if hp.objective == "advantage_weighted":
+            return advantage_weighted(losses, reward, beta=hp.objective_beta)
+        return behaviour_cloning(losses, reward)
+
+    def _inner_backward(self, inner, out: TrajectoryOutput, weights: Tensor, scale: float) -> Tensor:
+        """Backward of L_in = Σwℓ/Σw, chunked if ``micro_batch_size`` is set; returns L_in (detached)."""
+        total = weights.sum().clamp(min=1e-12)
+        objective = self._objective(out.loss, inner["reward"])
+        micro = self.hparams.micro_batch_size
+        if micro is None or micro >= weights.shape[0]:
+            loss = weighted_loss(objective, weights, total)
+            if torch.isfinite(loss):
+                self.manual_backward(loss * scale)
+            return loss.detach()
+        # The objective's per-batch statistics (filter threshold, baselines) come from the whole batch: pass
+        # them to each chunk as the multiplier objective/NLL computed above on the no-grad pass.
+        multiplier = (objective / out.loss.clamp(min=1e-12)).detach()
+        loss_value = weighted_loss(objective.detach(), weights, total)
+        if not torch.isfinite(loss_value):
+            return loss_value
+        for start, chunk in zip(range(0, weights.shape[0], micro), _chunks(inner, micro)):
+            rows = slice(start, start + micro)
+            chunk_loss = self.policy.trajectory_forward(chunk).loss * multiplier[rows]
+            self.manual_backward(weighted_loss(chunk_loss, weights[rows], total) * scale)
+        return loss_value
+
+    def _hypergradient(self, inner, outer, out: TrajectoryOutput, weights: Tensor) -> Hypergradient:
+        params = self.policy.trainable_named_parameters()
+        lr = self.hparams.lookahead_lr or self.optimizers()[0].param_groups[0]["lr"]
+        inner_fn = lambda p: self._objective(self.policy.functional_losses(inner, p), inner["reward"])  # noqa: E731
+        val_fn = lambda p: self.policy.functional_losses(outer, p).mean()  # noqa: E731
+        if self.hparams.hypergradient == "exact":
+            return exact_hypergradient(params, inner_fn, val_fn, weights, lr)
+        base = self._objective(out.loss.detach(), inner["reward"])
+        return first_order_hypergradient(params, inner_fn, val_fn, lr, base_losses=None if self.hparams.fd_central
+                                         else base, eps=self.hparams.fd_eps, central=self.hparams.fd_central)
+
+    def _outer_update(self, head_opt, inner, out: TrajectoryOutput, hypergrad: Hypergradient) -> None:
+        accumulate = self.hparams.outer_accumulate_grad_batches
+        if self._outer_evals % accumulate == 0:
+            head_opt.zero_grad()
+        self._outer_evals += 1
+        weights = self.head(scalar_features(out, inner, self.head.scalar_names), out.pooled)
+        # ∂/∂φ Σ gᵢ·wᵢ(φ) = Σ gᵢ ∂wᵢ/∂φ: the chain rule through the head, with g the hypergradient.
+        surrogate = (hypergrad.grad_weights.to(weights.dtype) * weights).sum() + self.head.regularization(weights)
+        self.manual_backward(surrogate / accumulate)
+        self.log("outer/val_loss", hypergrad.val_loss, prog_bar=True)
+        self.log("outer/surrogate", surrogate.detach())
+        self.log("hypergrad/norm", hypergrad.grad_weights.norm())
+        self.log("hypergrad/v_norm", hypergrad.v_norm)
+        if self._outer_evals % accumulate == 0:
+            if not _grads_finite(head_opt):
+                self._count_fault("hypergrad")
+                head_opt.zero_grad()
+                return
+            self._clip(head_opt, self.hparams.head_grad_clip)
+            head_opt.step()
+            self._step_scheduler(1)
+            self.outer_steps += 1
+
+    # -- faults -------------------------------------------------------------------------------------------------
+    def _count_fault(self, kind: str) -> None:
+        self.faults[kind] += 1
+        self._consecutive_faults += 1
+        self.log(f"faults/{kind}", float(self.faults[kind]))
+        if self._consecutive_faults >= self.hparams.max_consecutive_faults:
+            raise FaultLimitError(
+                f"{self._consecutive_faults} consecutive steps skipped for non-finite values (last: {kind}; "
+                f"totals {self.faults}). Check the data (rewards), the learning rates and the precision."
+            )
+
+    def _skip(self, kind: str, policy_opt) -> None:
+        policy_opt.zero_grad()
+        self._count_fault(kind)
+        return None
+
+    # -- logging --------------------------------------------------------------------------------------------------
+    def _log_inner(self, inner, out: TrajectoryOutput, weights: Tensor, inner_loss: Tensor,
+                   hypergrad: Hypergradient | None) -> None:
+        synthetic = inner["is_synthetic"].bool()
+        ess = effective_sample_size(weights)
+        self.log("inner/loss", inner_loss, prog_bar=True)
+        self.log("inner/nll", out.loss.detach().mean())
+        self.log("inner/lr", self.optimizers()[0].param_groups[0]["lr"])
+        self.log("inner_steps", float(self.inner_steps))
+        self.log("outer_steps", float(self.outer_steps))
+        self.log("weights/ess", ess, prog_bar=True)
+        self.log("weights/ess_fraction", ess / weights.shape[0])
+        self.log("weights/max", weights.max())
+        if (~synthetic).any():
+            self.log("weights/mean_real", weights[~synthetic].mean())
+        if synthetic.any():
+            self.log("weights/mean_synthetic", weights[synthetic].mean())
+        self.log("weights/mass_synthetic", weights[synthetic].sum() / weights.sum().clamp(min=1e-12))
+        if hypergrad is not None and self.hparams.weighting == "l2rw":
+            self.log("outer/val_loss", hypergrad.val_loss, prog_bar=True)
+
+    def _clip(self, optimizer, max_norm: float | None) -> None:
+        if max_norm is not None:
+            self.clip_gradients(optimizer, gradient_clip_val=max_norm, gradient_clip_algorithm="norm")
+
+    def _step_scheduler(self, index: int) -> None:
+        schedulers = self.lr_schedulers()
+        if schedulers is None:
+            return
+        schedulers = schedulers if isinstance(schedulers, list) else [schedulers]
+        configs = self.trainer.lr_scheduler_configs
+        wanted = self.trainer.optimizers[index]
+        for sched, cfg in zip(schedulers, configs):
+            if cfg.scheduler.optimizer is wanted:
+                sched.step()
+
+    # -- validation / prediction --------------------------------------------------------------------------------
+    def validation_step(self, batch: Mapping[str, Any], batch_idx: int) -> None:
+        out = self.policy.trajectory_forward(batch)
+        agent_tokens = batch["num_agent_tokens"].clamp(min=1).float()
+        self.val_loss.update(out.loss)
+        self.val_accuracy.update(out.correct / agent_tokens, weight=agent_tokens)
+        self.log("val/loss", self.val_loss, prog_bar=True, batch_size=out.loss.shape[0])
+        self.log("val/token_accuracy", self.val_accuracy, batch_size=out.loss.shape[0])
+
+    def predict_step(self, batch: Mapping[str, Any], batch_idx: int) -> list[dict[str, Any]]:
+        out = self.policy.trajectory_forward(batch)
+        scalars = scalar_features(out, batch, self.head.scalar_names)
+        scores = self.head.scores(scalars, out.pooled)
+        rows = []
+        for i in range(scores.shape[0]):
+            rows.append({
+                "row_id": int(batch["row_id"][i]),
+                "task_id": batch["task_id"][i],
+                "source": "synthetic" if float(batch["is_synthetic"][i]) > 0.5 else "real",
+                "score": float(scores[i]),
+                "features": {name: float(scalars[i, j]) for j, name in enumerate(self.head.scalar_names)},
+            })
+        return rows
+
+    # -- checkpoints ----------------------------------------------------------------------------------------------
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        trainable = {f"policy.{n}" for n in self.policy.trainable_named_parameters()}
+        checkpoint["state_dict"] = {
+            k: v for k, v in checkpoint["state_dict"].items() if not k.startswith("policy.") or k in trainable
+        }
+        checkpoint["boost"] = {
+            "inner_steps": self.inner_steps,
+            "outer_steps": self.outer_steps,
+            "faults": dict(self.faults),
+            "consecutive_faults": self._consecutive_faults,
+            "batches_seen": self._batches_seen,
+            "outer_evals": self._outer_evals,
+            "aw_baseline": self.aw_baseline.state_dict(),
+        }
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        state = checkpoint.get("boost", {})
+        self.inner_steps = state.get("inner_steps", 0)
+        self.outer_steps = state.get("outer_steps", 0)
+        self.faults.update(state.get("faults", {}))
+        self._consecutive_faults = state.get("consecutive_faults", 0)
+        self._batches_seen = state.get("batches_seen", 0)
+        self._outer_evals = state.get("outer_evals", 0)
+        if "aw_baseline" in state:
+            self.aw_baseline.load_state_dict(state["aw_baseline"])
+
+
+def _default_adamw(params):
+    return torch.optim.AdamW(params, lr=1e-4)
+
+
+def _default_adam(params):
+    return torch.optim.Adam(params, lr=1e-3)
+
+
+def _grads_finite(optimizer) -> bool:
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            if p.grad is not None and not torch.isfinite(p.grad).all():
+                return False
+    return True
+
+
+def _chunks(batch: Mapping[str, Any], size: int):
+    n = batch["input_ids"].shape[0]
+    for start in range(0, n, size):
+        yield {k: v[start : start + size] for k, v in batch.items()}
+
+
+def _cat_outputs(outs: list[TrajectoryOutput]) -> TrajectoryOutput:
+    return TrajectoryOutput(*(torch.cat([getattr(o, f) for o in outs]) for f in ("loss", "surprise", "pooled",
+                                                                                "correct")))
+
+
