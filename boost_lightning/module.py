@@ -146,6 +146,16 @@ class BoostModule(LightningModule):
         self.val_loss = MeanMetric()
         self.val_accuracy = MeanMetric()
 
+    def setup(self, stage: str) -> None:
+        # A tokenizer larger than the embedding table fails deep inside the first forward; say so up front.
+        datamodule = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
+        tokenizer = getattr(datamodule, "tokenizer", None)
+        if tokenizer is not None and len(tokenizer) > self.policy.vocab_size:
+            raise ValueError(
+                f"the tokenizer has {len(tokenizer)} tokens but the policy's embedding table has "
+                f"{self.policy.vocab_size}: raise `vocab_size` in the policy config (or use the model's own tokenizer)"
+            )
+
     # -- optimisers ---------------------------------------------------------------------------------------------
     def configure_optimizers(self) -> list[dict[str, Any]]:
         policy_params = list(self.policy.trainable_named_parameters().values())
@@ -393,7 +403,7 @@ class BoostModule(LightningModule):
 
     # -- checkpoints ----------------------------------------------------------------------------------------------
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        trainable = {f"policy.{n}" for n in self.policy.trainable_named_parameters()}
+        trainable = {n for n, p in self.named_parameters() if p.requires_grad}
         checkpoint["state_dict"] = {
             k: v for k, v in checkpoint["state_dict"].items() if not k.startswith("policy.") or k in trainable
         }

@@ -64,6 +64,7 @@ class WeightHead(nn.Module):
         regularizer: ``none``, ``ess`` (penalise 1 − ESS/B) or ``entropy`` (penalise 1 − H(w/B)/log B): pulls
             the weights toward uniform, trading lower empirical risk for a larger effective sample size.
         regularizer_strength: Coefficient of the regulariser in the outer objective.
+        seed: Seed of the head's random initialisation (the same config gives the same head).
     """
 
     def __init__(
@@ -78,6 +79,7 @@ class WeightHead(nn.Module):
         clip: float | None = None,
         regularizer: str = "none",
         regularizer_strength: float = 0.0,
+        seed: int = 0,
     ) -> None:
         super().__init__()
         if normalization not in ("softmax", "sigmoid"):
@@ -95,6 +97,7 @@ class WeightHead(nn.Module):
         self.normalization, self.temperature, self.clip = normalization, temperature, clip
         self.regularizer, self.regularizer_strength = regularizer, regularizer_strength
         self.hidden_projection, self.mlp_width, self.num_layers = hidden_projection, mlp_width, num_layers
+        self.seed = seed
         self.hidden_size: int | None = None
         self.norm = RunningNorm(len(self.scalar_names))
         if hidden_size is not None or "hidden" not in self.features:
@@ -111,6 +114,11 @@ class WeightHead(nn.Module):
                 raise ValueError(f"head was built for hidden size {self.hidden_size}, policy has {hidden_size}")
             return
         self.hidden_size = hidden_size
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(self.seed)
+            self._build(hidden_size)
+
+    def _build(self, hidden_size: int) -> None:
         in_dim = len(self.scalar_names)
         if self.uses_hidden:
             # LayerNorm without affine: pooled states of different models live on very different scales.

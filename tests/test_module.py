@@ -1,0 +1,148 @@
+"""BoostModule on a tiny LoRA Llama: which parameters each level moves, SFT equivalence, faults, resume."""
+
+import copy
+
+import pytest
+import torch
+from lightning.pytorch import Callback, Trainer
+from torch.utils.data import DataLoader
+
+from boost_lightning.models import PolicyModel, WeightHead
+from boost_lightning.module import BoostModule, FaultLimitError
+from tests.conftest import random_batch
+
+
+def loader(vocab, steps=4, batch_size=4, seed=0):
+    items = [{"inner": random_batch(vocab, batch_size, seed=seed + i),
+              "outer": random_batch(vocab, batch_size, seed=1000 + seed + i)} for i in range(steps)]
+    return DataLoader(items, batch_size=None)
+
+
+def make_module(config, **kw):
+    policy = PolicyModel(config=config, r=4, lora_alpha=8, seed=0)
+    kw.setdefault("policy_optimizer", lambda p: torch.optim.SGD(p, lr=0.1))
+    kw.setdefault("head_optimizer", lambda p: torch.optim.SGD(p, lr=1.0))
+    return BoostModule(policy, WeightHead(), **kw)
+
+
+def fit(module, data, max_epochs=1, ckpt_path=None, **trainer_kw):
+    trainer = Trainer(max_epochs=max_epochs, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                      enable_model_summary=False, accelerator="cpu", log_every_n_steps=1, **trainer_kw)
+    trainer.fit(module, train_dataloaders=data, ckpt_path=ckpt_path)
+    return trainer
+
+
+def snapshot(module):
+    return {n: p.detach().clone() for n, p in module.named_parameters()}
+
+
+def changed(before, module):
+    return {n for n, p in module.named_parameters() if not torch.equal(before[n], p.detach())}
+
+
+def test_inner_step_moves_only_lora_and_outer_step_moves_only_head(tiny_llama_config):
+    module = make_module(tiny_llama_config, head_warmup_steps=100)  # no outer step
+    before = snapshot(module)
+    fit(module, loader(module.policy.vocab_size, steps=2))
+    moved = changed(before, module)
+    assert moved and all("lora_" in n for n in moved), moved
+    assert module.inner_steps == 2 and module.outer_steps == 0
+
+    module = make_module(tiny_llama_config, lookahead_lr=0.1, policy_optimizer=lambda p: torch.optim.SGD(p, lr=0.0))
+    before = snapshot(module)
+    fit(module, loader(module.policy.vocab_size, steps=2))
+    moved = changed(before, module)
+    assert moved and all(n.startswith("head.") for n in moved), moved
+    assert module.outer_steps == 2
+
+
+def test_both_levels_move_their_own_parameters_in_a_normal_run(tiny_llama_config):
+    module = make_module(tiny_llama_config)
+    before = snapshot(module)
+    fit(module, loader(module.policy.vocab_size, steps=3))
+    moved = changed(before, module)
+    assert any(n.startswith("head.") for n in moved)
+    assert any("lora_" in n for n in moved)
+    frozen = [n for n in before if n.startswith("policy.") and "lora_" not in n]
+    assert frozen and not (set(frozen) & moved)
+
+
+def test_zero_init_head_equals_uniform_sft_bit_for_bit_on_first_step(tiny_llama_config):
+    data = loader(tiny_llama_config["vocab_size"], steps=1)
+    learned = make_module(tiny_llama_config, weighting="learned")
+    uniform = make_module(tiny_llama_config, weighting="uniform")
+    fit(learned, data)
+    fit(uniform, data)
+    for (n, a), (_, b) in zip(learned.policy.named_parameters(), uniform.policy.named_parameters()):
+        assert torch.equal(a, b), n
+
+
+class RecordAroundBatch(Callback):
+    """Snapshot parameters and optimizer states just before and after one batch."""
+
+    def __init__(self, index):
+        self.index, self.before, self.after = index, None, None
+
+    def _state(self, trainer, module):
+        opts = [copy.deepcopy(o.state_dict()) for o in trainer.optimizers]
+        return snapshot(module), opts
+
+    def on_train_batch_start(self, trainer, module, batch, batch_idx):
+        if batch_idx == self.index:
+            self.before = self._state(trainer, module)
+
+    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
+        if batch_idx == self.index:
+            self.after = self._state(trainer, module)
+
+
+def test_nan_reward_skips_the_step_counts_it_and_changes_nothing(tiny_llama_config):
+    vocab = tiny_llama_config["vocab_size"]
+    items = [{"inner": random_batch(vocab, 4, seed=i), "outer": random_batch(vocab, 4, seed=50 + i)} for i in range(3)]
+    items[1]["inner"]["reward"][0] = float("nan")
+    module = make_module(tiny_llama_config, policy_optimizer=lambda p: torch.optim.AdamW(p, lr=1e-2))
+    spy = RecordAroundBatch(1)
+    fit(module, DataLoader(items, batch_size=None), callbacks=[spy])
+    assert module.faults["weights"] == 1
+    assert module.inner_steps == 2 and module.outer_steps == 2
+    params_before, opts_before = spy.before
+    params_after, opts_after = spy.after
+    assert all(torch.equal(params_before[n], params_after[n]) for n in params_before)
+    assert str(opts_before) == str(opts_after)
+
+
+def test_consecutive_faults_stop_the_run_with_a_clear_error(tiny_llama_config):
+    # An infinite learning rate makes every later forward non-finite: each inner step is a fault.
+    module = make_module(tiny_llama_config, max_consecutive_faults=2,
+                         policy_optimizer=lambda p: torch.optim.SGD(p, lr=float("inf")))
+    with pytest.raises(FaultLimitError, match="consecutive steps skipped"):
+        fit(module, loader(tiny_llama_config["vocab_size"], steps=5))
+
+
+def test_resume_from_checkpoint_equals_uninterrupted_run(tiny_llama_config, tmp_path):
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    vocab = tiny_llama_config["vocab_size"]
+    adam = dict(policy_optimizer=lambda p: torch.optim.AdamW(p, lr=1e-2),
+                head_optimizer=lambda p: torch.optim.Adam(p, lr=1e-2))
+
+    full = make_module(tiny_llama_config, **adam)
+    fit(full, loader(vocab, steps=3), max_epochs=2)
+
+    first = make_module(tiny_llama_config, **adam)
+    ckpt = ModelCheckpoint(dirpath=tmp_path, save_last=True)
+    trainer = Trainer(max_epochs=1, logger=False, enable_progress_bar=False, enable_model_summary=False,
+                      accelerator="cpu", callbacks=[ckpt])
+    trainer.fit(first, train_dataloaders=loader(vocab, steps=3))
+    saved = torch.load(tmp_path / "last.ckpt", weights_only=True)
+    assert all(k.startswith("head.") or "lora_" in k for k in saved["state_dict"]), "frozen base weights saved"
+    assert sum("lora_" in k for k in saved["state_dict"]) == len(first.policy.trainable_named_parameters())
+    assert saved["boost"]["inner_steps"] == 3
+
+    resumed = make_module(tiny_llama_config, **adam)
+    fit(resumed, loader(vocab, steps=3), max_epochs=2, ckpt_path=str(tmp_path / "last.ckpt"))
+    assert (resumed.inner_steps, resumed.outer_steps) == (full.inner_steps, full.outer_steps) == (6, 6)
+    for (n, a), (_, b) in zip(full.named_parameters(), resumed.named_parameters()):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-6, msg=lambda m: f"{n}: {m}")
+    for (n, a), (_, b) in zip(full.named_buffers(), resumed.named_buffers()):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-6, msg=lambda m: f"{n}: {m}")
