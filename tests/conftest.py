@@ -6,6 +6,8 @@ import os
 
 import pytest
 
+from boost_lightning.bench.batches import random_batch  # noqa: F401  (re-exported for tests)
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -59,41 +61,6 @@ def tiny_llama_config(tiny_tokenizer) -> dict:
     }
 
 
-def random_batch(vocab_size: int, batch_size: int = 4, seq_len: int = 24, seed: int = 0, synthetic_every: int = 2):
-    """A collated batch in the data contract's shape with random tokens (agent tokens in the second half)."""
-    import torch
-
-    g = torch.Generator().manual_seed(seed)
-    ids = torch.randint(4, vocab_size, (batch_size, seq_len), generator=g)
-    attention = torch.ones(batch_size, seq_len, dtype=torch.long)
-    lengths = torch.randint(seq_len // 2 + 2, seq_len + 1, (batch_size,), generator=g)
-    for i, n in enumerate(lengths.tolist()):
-        attention[i, n:] = 0
-        ids[i, n:] = 0
-    labels = torch.full_like(ids, -100)
-    obs = torch.zeros_like(ids, dtype=torch.bool)
-    half = seq_len // 2
-    labels[:, half:] = ids[:, half:]
-    labels[attention == 0] = -100
-    obs[:, 2:half] = True
-    synthetic = torch.tensor([float(i % synthetic_every != 0) for i in range(batch_size)])
-    return {
-        "input_ids": ids,
-        "attention_mask": attention,
-        "labels": labels,
-        "turn_ids": torch.zeros_like(ids),
-        "obs_mask": obs,
-        "num_agent_tokens": (labels != -100).sum(1),
-        "num_turns": torch.full((batch_size,), 2),
-        "length": attention.sum(1),
-        "reward": torch.randn(batch_size, generator=g),
-        "is_synthetic": synthetic,
-        "row_id": torch.arange(batch_size),
-        "task_id": [f"t{i}" for i in range(batch_size)],
-        "meta": [{"generator": "expert" if s == 0 else "noisy"} for s in synthetic.tolist()],
-    }
-
-
 @pytest.fixture()
 def tiny_policy(tiny_llama_config):
     """A tiny LoRA Llama with non-zero LoRA B matrices (so LoRA changes the function from the start)."""
@@ -107,3 +74,32 @@ def tiny_policy(tiny_llama_config):
         for p in policy.trainable_named_parameters().values():
             p.copy_(torch.randn(p.shape, generator=g) * 0.05)
     return policy
+
+
+def _trajectory_row(index: int = 0, turns: int = 2, **fields) -> dict:
+    messages = [{"role": "system", "content": "You are in a maze."}]
+    for turn in range(turns):
+        messages.append({"role": "user", "content": f"You are at ({index}, {turn}). Walls: north."})
+        messages.append({"role": "assistant", "content": ["move east", "move south", "move west"][turn % 3]})
+    row = {"messages": messages, "reward": float(index), "task_id": f"maze-{index}", "meta": {"index": index}}
+    row.update(fields)
+    return row
+
+
+@pytest.fixture()
+def make_row():
+    """Factory of valid rows: ``make_row(index, turns=2, **fields_to_override)`` (system + user/assistant turns)."""
+    return _trajectory_row
+
+
+@pytest.fixture()
+def write_jsonl(tmp_path):
+    """``write_jsonl(name, rows)``: write rows (dicts, or strings written verbatim) as ``tmp_path/name``; its path."""
+    import json
+
+    def write(name: str, rows) -> str:
+        path = tmp_path / name
+        path.write_text("".join((row if isinstance(row, str) else json.dumps(row)) + "\n" for row in rows))
+        return str(path)
+
+    return write
