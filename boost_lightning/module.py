@@ -30,7 +30,6 @@ from torch import Tensor
 from torchmetrics import MeanMetric
 
 from boost_lightning.baselines.weighting import (
-    FIXED_WEIGHTINGS,
     WEIGHTINGS,
     RunningBaseline,
     fixed_weights,
@@ -40,7 +39,13 @@ from boost_lightning.bilevel.hypergradient import Hypergradient, exact_hypergrad
 from boost_lightning.models.features import scalar_features
 from boost_lightning.models.policy import PolicyModel, TrajectoryOutput
 from boost_lightning.models.weight_head import WeightHead, effective_sample_size
-from boost_lightning.objectives import advantage_weighted, behaviour_cloning, filtered_bc, reward_weighted, weighted_loss
+from boost_lightning.objectives import (
+    advantage_weighted,
+    behaviour_cloning,
+    filtered_bc,
+    reward_weighted,
+    weighted_loss,
+)
 
 OBJECTIVES = ("bc", "filtered_bc", "reward_weighted", "advantage_weighted")
 

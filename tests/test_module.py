@@ -143,6 +143,6 @@ def test_resume_from_checkpoint_equals_uninterrupted_run(tiny_llama_config, tmp_
     fit(resumed, loader(vocab, steps=3), max_epochs=2, ckpt_path=str(tmp_path / "last.ckpt"))
     assert (resumed.inner_steps, resumed.outer_steps) == (full.inner_steps, full.outer_steps) == (6, 6)
     for (n, a), (_, b) in zip(full.named_parameters(), resumed.named_parameters()):
-        torch.testing.assert_close(a, b, rtol=0, atol=1e-6, msg=lambda m: f"{n}: {m}")
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-6, msg=lambda m, n=n: f"{n}: {m}")
     for (n, a), (_, b) in zip(full.named_buffers(), resumed.named_buffers()):
-        torch.testing.assert_close(a, b, rtol=0, atol=1e-6, msg=lambda m: f"{n}: {m}")
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-6, msg=lambda m, n=n: f"{n}: {m}")

@@ -125,7 +125,9 @@ class PolicyModel(nn.Module):
         return {n: p for n, p in self.model.named_parameters() if p.requires_grad}
 
     # -- forward ----------------------------------------------------------------------------------------------
-    def trajectory_forward(self, batch: Mapping[str, Tensor], params: Mapping[str, Tensor] | None = None) -> TrajectoryOutput:
+    def trajectory_forward(
+        self, batch: Mapping[str, Tensor], params: Mapping[str, Tensor] | None = None
+    ) -> TrajectoryOutput:
         """Per-trajectory agent NLL, observation surprise and pooled state for a collated batch.
 
         Args:
