@@ -1,0 +1,180 @@
+"""Generated rows: the data contract, truthful ground-truth labels, pool composition, the synthesize CLI."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+
+from boost_lightning.envs.base import EVAL_SEED_START, SYNTHETIC_SEED_START, TASKS, VALIDATION_SEED_START, task_spec
+from boost_lightning.envs.generators import (
+    hallucinated_row,
+    noisy_expert_row,
+    pool_counts,
+    replay,
+    shifted_row,
+    synthetic_pool,
+)
+from boost_lightning.envs.synthesize import build_splits, main, read_jsonl
+
+META_KEYS = {"generator": str, "quality": float, "success": bool, "optimal_turns": int, "shifted": bool,
+             "hallucinated": bool}
+
+
+def assert_contract(row, source=None):
+    assert set(row) == {"messages", "reward", "rewards", "source", "task_id", "meta"}
+    messages = row["messages"]
+    assert messages[0]["role"] == "system"
+    assert all(set(m) == {"role", "content"} and m["role"] in ("system", "user", "assistant") for m in messages)
+    assert all(isinstance(m["content"], str) for m in messages)
+    roles = [m["role"] for m in messages[1:]]
+    assert roles == ["user", "assistant"] * (len(roles) // 2) + ["user"], "observation / action alternation"
+    n_agent = roles.count("assistant")
+    assert n_agent >= 1 and len(row["rewards"]) == n_agent
+    assert math.isfinite(row["reward"]) and row["reward"] == pytest.approx(sum(row["rewards"]), abs=1e-6)
+    assert row["source"] in ("real", "synthetic") and (source is None or row["source"] == source)
+    assert isinstance(row["task_id"], str) and row["task_id"]
+    for key, kind in META_KEYS.items():
+        assert isinstance(row["meta"][key], kind), key
+    assert 0.0 <= row["meta"]["quality"] <= 1.0
+    assert row["meta"]["turns"] == n_agent
+    json.dumps(row)
+
+
+@pytest.fixture(scope="module", params=TASKS)
+def splits(request):
+    return request.param, build_splits(request.param, num_real=16, num_validation=16, num_synthetic=300)
+
+
+def test_rows_satisfy_the_contract(splits):
+    task, data = splits
+    for name, rows in data.items():
+        for row in rows:
+            assert_contract(row, "synthetic" if name == "synthetic" else "real")
+
+
+def test_real_and_validation_are_expert_and_disjoint(splits):
+    task, data = splits
+    for name in ("real", "validation"):
+        assert all(r["meta"]["generator"] == "expert" and r["meta"]["quality"] == 1.0 for r in data[name])
+    seeds = {name: {r["meta"]["seed"] for r in rows} for name, rows in data.items()}
+    assert seeds["real"] == set(range(16))
+    assert seeds["validation"] == set(range(VALIDATION_SEED_START, VALIDATION_SEED_START + 16))
+    assert min(seeds["synthetic"]) >= SYNTHETIC_SEED_START
+    assert not any(EVAL_SEED_START <= s < SYNTHETIC_SEED_START for s in set().union(*seeds.values()))
+    if task_spec(task).disjoint_instances:
+        instances = {name: {json.dumps(r["meta"]["instance"], sort_keys=True) for r in rows}
+                     for name, rows in data.items()}
+        assert not instances["real"] & instances["validation"]
+
+
+def test_task_ids_do_not_reveal_the_generator(splits):
+    task, data = splits
+    assert all(r["task_id"] == f"{task}-{r['meta']['seed']}" for rows in data.values() for r in rows)
+
+
+def test_pool_composition(splits):
+    task, data = splits
+    counts = {}
+    for row in data["synthetic"]:
+        counts[row["meta"]["generator"]] = counts.get(row["meta"]["generator"], 0) + 1
+    assert sum(counts.values()) == 300
+    assert sum(v for g, v in counts.items() if g.startswith("shifted-")) == 90
+    assert counts["hallucinated-sim"] == 30
+    assert {g for g in counts if g.startswith("noisy-expert-")} == {"noisy-expert-0.1", "noisy-expert-0.3",
+                                                                    "noisy-expert-0.6"}
+
+
+def test_pool_counts_sum_exactly():
+    counts = pool_counts(1001, (0.1, 0.2, 0.7), ["a", "b"], 0.33, 0.11)
+    assert sum(counts.values()) == 1001
+    assert counts[("shifted", "a")] + counts[("shifted", "b")] == 330
+    with pytest.raises(ValueError):
+        pool_counts(10, (0.1,), ["a"], 0.8, 0.5)
+
+
+@pytest.mark.parametrize("task", TASKS)
+def test_more_noise_means_lower_quality(task):
+    seeds = range(SYNTHETIC_SEED_START, SYNTHETIC_SEED_START + 150)
+    means = []
+    for noise in (0.0, 0.1, 0.3, 0.6):
+        rows = [noisy_expert_row(task, s, noise) for s in seeds]
+        for row in rows:
+            meta = row["meta"]
+            expected = float(meta["success"]) * min(1.0, meta["optimal_turns"] / meta["turns"])
+            assert meta["quality"] == pytest.approx(expected, abs=1e-6) and meta["noise"] == noise
+            assert meta["success"] == meta["claimed_success"] and not meta["shifted"] and not meta["hallucinated"]
+            assert meta["success"] == replay(task, meta["seed"], [m["content"] for m in row["messages"]
+                                                                  if m["role"] == "assistant"]).success
+        means.append(sum(r["meta"]["quality"] for r in rows) / len(rows))
+    assert means[0] == 1.0
+    assert means == sorted(means, reverse=True) and means[1] > means[2] > means[3], means
+
+
+@pytest.mark.parametrize("task", TASKS)
+def test_shifted_rows_are_flagged_and_teach_other_moves(task):
+    for variant in task_spec(task).shifted:
+        rows = [shifted_row(task, s, variant) for s in range(SYNTHETIC_SEED_START, SYNTHETIC_SEED_START + 60)]
+        assert all(r["meta"]["shifted"] and r["meta"]["quality"] == 0.0 and r["meta"]["variant"] == variant
+                   for r in rows)
+        assert all(r["meta"]["generator"] == f"shifted-{variant}" and r["meta"]["success"] for r in rows)
+        # Played in the real task, the same actions go wrong: replies differ somewhere in most rows.
+        differs = 0
+        for r in rows:
+            actions = [m["content"] for m in r["messages"] if m["role"] == "assistant"]
+            observations = [m["content"] for m in r["messages"][3::2]]
+            real = replay(task, r["meta"]["seed"], actions)
+            differs += real.observations != observations[: len(real.observations)] or not real.success
+        assert differs >= 0.5 * len(rows), (variant, differs)
+
+
+@pytest.mark.parametrize("task", TASKS)
+def test_hallucinated_replies_disagree_with_the_true_simulator(task):
+    for seed in range(SYNTHETIC_SEED_START, SYNTHETIC_SEED_START + 150):
+        row = hallucinated_row(task, seed, rate=0.2)
+        meta = row["meta"]
+        assert meta["hallucinated"] and meta["quality"] == 0.0 and meta["hallucinated_turns"]
+        actions = [m["content"] for m in row["messages"] if m["role"] == "assistant"]
+        claimed = [m["content"] for m in row["messages"][3::2]]
+        real = replay(task, seed, actions)
+        first = meta["hallucinated_turns"][0]
+        # Up to the first made-up reply the simulator told the truth; that reply is where they part.
+        assert real.observations[:first] == claimed[:first]
+        assert len(real.observations) > first and real.observations[first] != claimed[first], (task, seed)
+        assert meta["success"] == real.success and meta["claimed_success"] == (claimed[-1] in (
+            "Correct!", "You reached the goal!"))
+
+
+def test_hallucinated_claims_exceed_real_success():
+    for task in TASKS:
+        rows = [hallucinated_row(task, s) for s in range(SYNTHETIC_SEED_START, SYNTHETIC_SEED_START + 100)]
+        claimed = sum(r["meta"]["claimed_success"] for r in rows)
+        real = sum(r["meta"]["success"] for r in rows)
+        assert claimed > real + 20, (task, claimed, real)
+
+
+def test_pool_is_deterministic_and_seeded():
+    a = synthetic_pool("guess_number", 120, seed=0)
+    assert a == synthetic_pool("guess_number", 120, seed=0)
+    assert a != synthetic_pool("guess_number", 120, seed=1)
+
+
+def test_cli_writes_files_and_summary(tmp_path, capsys):
+    summary = main(["--task", "maze", "--out", str(tmp_path), "--num-real", "8", "--num-validation", "6",
+                    "--num-synthetic", "50", "--shifted-fraction", "0.2", "--hallucinated-fraction", "0.2",
+                    "--noise-levels", "0.2,0.5", "--seed", "3", "--no-progress"])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["real.jsonl", "summary.json", "synthetic.jsonl",
+                                                          "validation.jsonl"]
+    assert [len(read_jsonl(tmp_path / f"{s}.jsonl")) for s in ("real", "validation", "synthetic")] == [8, 6, 50]
+    on_disk = json.loads((tmp_path / "summary.json").read_text())
+    assert on_disk == summary
+    printed = capsys.readouterr().out
+    assert json.loads(printed) == summary
+    assert set(summary["generators"]) == {"noisy-expert-0.2", "noisy-expert-0.5", "shifted-layout-mirror",
+                                          "shifted-layout-rooms", "hallucinated-sim"}
+    assert summary["generators"]["noisy-expert-0.2"]["count"] == 15
+    assert summary["generators"]["hallucinated-sim"]["mean_quality"] == 0.0
+    assert summary["splits"]["real"]["success_rate"] == 1.0 and summary["settings"]["seed"] == 3
+    for row in read_jsonl(tmp_path / "synthetic.jsonl"):
+        assert_contract(row, "synthetic")
