@@ -146,3 +146,30 @@ def test_resume_from_checkpoint_equals_uninterrupted_run(tiny_llama_config, tmp_
         torch.testing.assert_close(a, b, rtol=0, atol=1e-6, msg=lambda m, n=n: f"{n}: {m}")
     for (n, a), (_, b) in zip(full.named_buffers(), resumed.named_buffers()):
         torch.testing.assert_close(a, b, rtol=0, atol=1e-6, msg=lambda m, n=n: f"{n}: {m}")
+
+
+@pytest.mark.parametrize("weighting", ["learned", "filtered_bc"])
+def test_micro_batch_split_gives_the_same_run(tiny_llama_config, weighting):
+    data = loader(tiny_llama_config["vocab_size"], steps=3, batch_size=8)
+    runs = []
+    for micro in (None, 4, 1):
+        module = make_module(tiny_llama_config, weighting=weighting, micro_batch_size=micro)
+        fit(module, data)
+        runs.append(module)
+    for other in runs[1:]:
+        for (n, a), (_, b) in zip(runs[0].named_parameters(), other.named_parameters()):
+            torch.testing.assert_close(a, b, rtol=0, atol=1e-6, msg=lambda m, n=n: f"{n}: {m}")
+
+
+def test_inner_gradient_accumulation_equals_one_big_batch(tiny_llama_config):
+    vocab = tiny_llama_config["vocab_size"]
+    big = random_batch(vocab, 8, seed=0)
+    halves = [{k: v[i : i + 4] for k, v in big.items()} for i in (0, 4)]
+    outer = random_batch(vocab, 4, seed=9)
+    one = make_module(tiny_llama_config, weighting="uniform")
+    fit(one, DataLoader([{"inner": big, "outer": outer}], batch_size=None))
+    two = make_module(tiny_llama_config, weighting="uniform", inner_accumulate_grad_batches=2)
+    fit(two, DataLoader([{"inner": h, "outer": outer} for h in halves], batch_size=None))
+    assert one.inner_steps == two.inner_steps == 1
+    for (n, a), (_, b) in zip(one.named_parameters(), two.named_parameters()):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-6, msg=lambda m, n=n: f"{n}: {m}")

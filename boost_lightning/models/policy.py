@@ -126,13 +126,15 @@ class PolicyModel(nn.Module):
 
     # -- forward ----------------------------------------------------------------------------------------------
     def trajectory_forward(
-        self, batch: Mapping[str, Tensor], params: Mapping[str, Tensor] | None = None
+        self, batch: Mapping[str, Tensor], params: Mapping[str, Tensor] | None = None, aux: bool = True
     ) -> TrajectoryOutput:
         """Per-trajectory agent NLL, observation surprise and pooled state for a collated batch.
 
         Args:
             batch: Collated batch with ``input_ids``, ``attention_mask``, ``labels`` and ``obs_mask``.
             params: Optional replacement values for (some of) the LoRA parameters, evaluated functionally.
+            aux: Also compute surprise, pooled state and accuracy. Without it only agent positions reach the LM
+                head (the hypergradient's probes need the loss alone); the other fields are then empty.
         """
         input_ids, attention_mask, labels = batch["input_ids"], batch["attention_mask"], batch["labels"]
         obs_mask = batch.get("obs_mask")
@@ -142,7 +144,9 @@ class PolicyModel(nn.Module):
         # the LM head runs on those positions alone (the [B, T, V] logit tensor is the memory peak otherwise).
         targets = labels[:, 1:]
         agent = targets != IGNORE_INDEX
-        obs = obs_mask[:, 1:].bool() & (attention_mask[:, 1:] > 0) if obs_mask is not None else torch.zeros_like(agent)
+        obs = torch.zeros_like(agent)
+        if aux and obs_mask is not None:
+            obs = obs_mask[:, 1:].bool() & (attention_mask[:, 1:] > 0)
         needed = agent | obs
         rows = torch.arange(input_ids.shape[0], device=input_ids.device).unsqueeze(1).expand_as(needed)[needed]
         logits = self._lm_head(hidden[:, :-1][needed], params).float()
@@ -155,6 +159,9 @@ class PolicyModel(nn.Module):
         loss = torch.zeros(batch_size, dtype=nll.dtype, device=nll.device).index_add(
             0, rows[is_agent], nll[is_agent]
         ) / agent_count
+        if not aux:
+            empty = loss.new_zeros(0)
+            return TrajectoryOutput(loss=loss, surprise=empty, pooled=empty, correct=empty)
         with torch.no_grad():
             obs_count = obs.sum(1).clamp(min=1).to(nll.dtype)
             surprise = torch.zeros_like(loss).index_add(0, rows[~is_agent], nll[~is_agent].detach()) / obs_count
@@ -166,7 +173,7 @@ class PolicyModel(nn.Module):
 
     def functional_losses(self, batch: Mapping[str, Tensor], params: Mapping[str, Tensor]) -> Tensor:
         """Per-trajectory agent NLL [B] with the LoRA parameters replaced by ``params`` (no live parameter moves)."""
-        return self.trajectory_forward(batch, params).loss
+        return self.trajectory_forward(batch, params, aux=False).loss
 
     def generate(self, *args, **kwargs):
         """``generate`` of the wrapped HF model (used by rollout evaluation)."""
