@@ -246,3 +246,27 @@ def make_env(task: str, **kwargs: Any) -> Env:
         A fresh environment; call ``reset(seed)`` before ``step``.
     """
     return task_spec(task).env(**kwargs)
+
+
+class HallucinationMixin:
+    """Shared state of the hallucinating simulators: a corruption rate and one turn that is always corrupted.
+
+    Mixed in before a task's environment class; ``_forced_turns`` says how many of the expert's turns the forced
+    corruption may fall on (all but the last by default: the last one is the answer that ends the game).
+    """
+
+    rate: float
+    corrupted_turns: list[int]
+
+    def __init__(self, rate: float = 0.2, max_turns: int | None = None) -> None:
+        super().__init__(max_turns=max_turns)  # type: ignore[call-arg]
+        self.rate = rate
+        self.corrupted_turns = []
+
+    def _forced_turns(self) -> int:
+        return max(1, self.optimal_turns() - 1)  # type: ignore[attr-defined]
+
+    def _setup(self, seed: int) -> None:
+        super()._setup(seed)  # type: ignore[misc]
+        self.corrupted_turns = []
+        self._forced = self._rng.randrange(self._forced_turns())  # type: ignore[attr-defined]

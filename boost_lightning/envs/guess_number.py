@@ -14,7 +14,7 @@ import random
 import re
 from typing import Any
 
-from boost_lightning.envs.base import Env, TaskSpec
+from boost_lightning.envs.base import Env, HallucinationMixin, TaskSpec
 
 _NUMBER = re.compile(r"-?[0-9]+")
 _MAX_DIGITS = 6  # longer digit runs are out of range anyway, and int() of huge strings is slow (or refused)
@@ -114,7 +114,7 @@ class GuessNumberEnv(Env):
         return bisection_turns(self.secret, self.low, self.high)
 
 
-class HallucinatingGuessNumberEnv(GuessNumberEnv):
+class HallucinatingGuessNumberEnv(HallucinationMixin, GuessNumberEnv):
     """A number-game simulator that changes its mind, the way an LLM playing the environment does.
 
     On a corrupted turn it either declares a wrong guess correct or gives the opposite direction and quietly switches
@@ -126,16 +126,7 @@ class HallucinatingGuessNumberEnv(GuessNumberEnv):
         max_turns: Agent turns before the episode ends unsolved.
     """
 
-    def __init__(self, rate: float = 0.2, max_turns: int | None = None) -> None:
-        super().__init__(max_turns=max_turns)
-        self.rate = rate
-        self.corrupted_turns: list[int] = []
 
-    def _setup(self, seed: int) -> None:
-        super()._setup(seed)
-        self.corrupted_turns = []
-        # Before the expert's last guess a wrong guess can always be called correct, so the forced lie always exists.
-        self._forced = self._rng.randrange(max(1, self.optimal_turns() - 1))
 
     def _apply(self, guess: int) -> tuple[str, float, bool]:
         if not (self.turns - 1 == self._forced or self._rng.random() < self.rate):

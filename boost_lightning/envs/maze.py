@@ -15,7 +15,7 @@ from collections import deque
 from functools import cache
 from typing import Any
 
-from boost_lightning.envs.base import Env, TaskSpec, pool_index, seed_split, split_instances, words
+from boost_lightning.envs.base import Env, HallucinationMixin, TaskSpec, pool_index, seed_split, split_instances, words
 
 Cell = tuple[int, int]
 
@@ -191,7 +191,7 @@ class MazeEnv(Env):
         return self.layout.dist[self.goal][self.start]
 
 
-class HallucinatingMazeEnv(MazeEnv):
+class HallucinatingMazeEnv(HallucinationMixin, MazeEnv):
     """A maze simulator that sometimes makes things up, the way an LLM playing the environment does.
 
     On a corrupted turn it teleports the agent to another cell, announces the goal early, or lists the wrong walls;
@@ -203,15 +203,8 @@ class HallucinatingMazeEnv(MazeEnv):
         max_turns: Agent turns before the episode ends unsolved.
     """
 
-    def __init__(self, rate: float = 0.2, max_turns: int | None = None) -> None:
-        super().__init__(REAL_LAYOUT, max_turns)
-        self.rate = rate
-        self.corrupted_turns: list[int] = []
-
-    def _setup(self, seed: int) -> None:
-        super()._setup(seed)
-        self.corrupted_turns = []
-        self._forced = self._rng.randrange(self.optimal_turns())
+    def _forced_turns(self) -> int:
+        return self.optimal_turns()
 
     def _apply(self, action: str) -> tuple[str, float, bool]:
         if not (self.turns - 1 == self._forced or self._rng.random() < self.rate):

@@ -17,7 +17,7 @@ import random
 from functools import cache
 from typing import Any
 
-from boost_lightning.envs.base import Env, TaskSpec, words
+from boost_lightning.envs.base import Env, HallucinationMixin, TaskSpec, words
 
 # attribute -> (question, words that mean it)
 ATTRIBUTES: dict[str, tuple[str, tuple[str, ...]]] = {
@@ -298,7 +298,7 @@ def _expert_turns(table: Table, secret: str) -> int:
         turns += 1
 
 
-class HallucinatingTwentyQuestionsEnv(TwentyQuestionsEnv):
+class HallucinatingTwentyQuestionsEnv(HallucinationMixin, TwentyQuestionsEnv):
     """An oracle that sometimes answers a question wrongly, the way an LLM playing the environment does.
 
     After a wrong answer it quietly switches to an object consistent with everything it has said (or the closest one),
@@ -310,15 +310,7 @@ class HallucinatingTwentyQuestionsEnv(TwentyQuestionsEnv):
         max_turns: Agent turns before the episode ends unsolved.
     """
 
-    def __init__(self, rate: float = 0.2, max_turns: int | None = None) -> None:
-        super().__init__(max_turns=max_turns)
-        self.rate = rate
-        self.corrupted_turns: list[int] = []
 
-    def _setup(self, seed: int) -> None:
-        super()._setup(seed)
-        self.corrupted_turns = []
-        self._forced = self._rng.randrange(max(1, self.optimal_turns() - 1))
 
     def _apply(self, action: tuple[str, str]) -> tuple[str, float, bool]:
         kind, what = action
