@@ -7,9 +7,9 @@ import torch
 from lightning.pytorch import Callback, Trainer
 from torch.utils.data import DataLoader
 
+from boost_lightning.bench.batches import random_batch
 from boost_lightning.models import PolicyModel, WeightHead
 from boost_lightning.module import BoostModule, FaultLimitError
-from tests.conftest import random_batch
 
 
 def loader(vocab, steps=4, batch_size=4, seed=0):

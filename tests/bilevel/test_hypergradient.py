@@ -3,8 +3,8 @@
 import pytest
 import torch
 
+from boost_lightning.bench.batches import random_batch
 from boost_lightning.bilevel import exact_hypergradient, first_order_hypergradient
-from tests.conftest import random_batch
 
 
 def quadratic_problem(seed: int = 0, batch: int = 6, dim: int = 5):
