@@ -17,11 +17,9 @@ def behaviour_cloning(nll: Tensor, reward: Tensor | None = None) -> Tensor:
 
 def filtered_bc_mask(reward: Tensor, top_fraction: float = 0.5) -> Tensor:
     """1 for trajectories whose return is in the top ``top_fraction`` of the batch, else 0 (ties kept)."""
-    if not 0 < top_fraction <= 1:
-        raise ValueError("top_fraction must be in (0, 1]")
-    keep = max(1, round(top_fraction * reward.shape[0]))
-    threshold = torch.topk(reward, keep).values.min()
-    return (reward >= threshold).to(reward.dtype)
+    from boost_lightning.baselines.weighting import top_fraction_mask
+
+    return top_fraction_mask(reward, torch.ones_like(reward, dtype=torch.bool), top_fraction).to(reward.dtype)
 
 
 def filtered_bc(nll: Tensor, reward: Tensor, top_fraction: float = 0.5) -> Tensor:
