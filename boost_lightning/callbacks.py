@@ -125,22 +125,36 @@ class TrajectoryWeightWriter(BasePredictionWriter):
     """Write the head's weight for every trajectory of the ``predict`` split as JSONL.
 
     One line per row: ``row_id``, ``task_id``, ``source``, ``score`` (raw head score), ``weight`` (normalised
-    over the whole file to mean 1, the way the head normalises a batch) and ``features``.
+    over the whole file to mean 1, the way the head normalises a batch) and ``features``. Under DDP every rank
+    scores its shard; the rows are gathered and rank zero writes one complete file, sorted by ``row_id``.
 
     Args:
         output_path: The JSONL file to write. Default: ``<trainer.log_dir or default_root_dir>/weights.jsonl``.
     """
 
     def __init__(self, output_path: str | None = None) -> None:
-        super().__init__(write_interval="epoch")
+        # Rows are buffered per batch here rather than read from the loop's predictions, which strategies that
+        # spawn processes (and ``return_predictions=False``) do not keep.
+        super().__init__(write_interval="batch_and_epoch")
         self.output_path = output_path
         self.written_to: Path | None = None
+        self._rows: list[dict[str, Any]] = []
+
+    def on_predict_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._rows = []
+
+    def write_on_batch_end(self, trainer: Trainer, pl_module: LightningModule, prediction: Any,
+                           batch_indices: Any, batch: Any, batch_idx: int, dataloader_idx: int) -> None:
+        self._rows.extend(prediction)
 
     def write_on_epoch_end(self, trainer: Trainer, pl_module: LightningModule, predictions: Any,
                            batch_indices: Any) -> None:
-        rows = [row for batch in predictions for row in batch]
+        rows, self._rows = self._rows, []
+        # `trainer.log_dir` broadcasts from rank zero: every rank must ask for it, before the others return.
+        path = Path(self.output_path or Path(trainer.log_dir or trainer.default_root_dir) / "weights.jsonl")
         gathered: list[Any] = [rows]
         if trainer.world_size > 1:
+            # One object gather per predict run; every rank must take part, rank zero writes.
             gathered = [None] * trainer.world_size
             torch.distributed.all_gather_object(gathered, rows)
         if not trainer.is_global_zero:
@@ -149,7 +163,6 @@ class TrajectoryWeightWriter(BasePredictionWriter):
         if not rows:
             return
         weights = pl_module.head.normalize(torch.tensor([r["score"] for r in rows]))
-        path = Path(self.output_path or Path(trainer.log_dir or trainer.default_root_dir) / "weights.jsonl")
         path.parent.mkdir(parents=True, exist_ok=True)
         with path.open("w") as f:
             for row, w in zip(rows, weights.tolist()):

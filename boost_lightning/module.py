@@ -20,6 +20,7 @@ same θ as the inner gradient (the one-step lookahead of DESIGN.md). It reads th
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Mapping
 from typing import Any
 
@@ -27,8 +28,10 @@ import torch
 from lightning.pytorch import LightningModule
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import Tensor
+from torch.nn.parallel import DistributedDataParallel
 from torchmetrics import MeanMetric
 
+from boost_lightning import distributed as dp
 from boost_lightning.baselines.weighting import (
     WEIGHTINGS,
     RunningBaseline,
@@ -36,6 +39,7 @@ from boost_lightning.baselines.weighting import (
     l2rw_weights,
 )
 from boost_lightning.bilevel.hypergradient import Hypergradient, exact_hypergradient, first_order_hypergradient
+from boost_lightning.bilevel.tradeoff import tradeoff
 from boost_lightning.models.features import scalar_features
 from boost_lightning.models.policy import PolicyModel, TrajectoryOutput
 from boost_lightning.models.weight_head import WeightHead, effective_sample_size
@@ -46,6 +50,7 @@ from boost_lightning.objectives import (
     reward_weighted,
     weighted_loss,
 )
+from boost_lightning.preemption import rng_state, set_rng_state
 
 OBJECTIVES = ("bc", "filtered_bc", "reward_weighted", "advantage_weighted")
 
@@ -147,6 +152,7 @@ class BoostModule(LightningModule):
         self._consecutive_faults = 0
         self._batches_seen = 0
         self._outer_evals = 0
+        self._pending_rng: dict[str, Any] | None = None  # RNG states of a loaded checkpoint, set when training starts
         self.aw_baseline = RunningBaseline()
         self.val_loss = MeanMetric()
         self.val_accuracy = MeanMetric()
@@ -186,32 +192,37 @@ class BoostModule(LightningModule):
         first_of_cycle = self._batches_seen % accumulate == 0
         last_of_cycle = (self._batches_seen + 1) % accumulate == 0
         self._batches_seen += 1
+        # A skipped step leaves both levels as they were, the head's running feature statistics included.
+        self._fault_snapshot = self._running_state()
 
         # ---- inner level: weights (detached) → weighted loss → backward -------------------------------------
         outer_due = self._outer_due()
         out, weights, directional, hypergrad = self._inner_weights(inner, outer, outer_due)
         if not torch.isfinite(weights).all():
-            return self._skip("weights", policy_opt)
+            return self._skip("weights", policy_opt, head_opt)
         if first_of_cycle:
             policy_opt.zero_grad()
         inner_loss = self._inner_backward(inner, out, weights, scale=1.0 / accumulate)
         if not torch.isfinite(inner_loss):
-            return self._skip("inner_loss", policy_opt)
+            return self._skip("inner_loss", policy_opt, head_opt)
+        # Checked before the head steps: a policy step that cannot happen must not leave a head step behind.
+        if last_of_cycle and not _grads_finite(policy_opt):
+            return self._skip("grad", policy_opt, head_opt)
 
         # ---- outer level: hypergradient → head step ---------------------------------------------------------
         if outer_due and self.hparams.weighting == "learned":
             if hypergrad is None:
                 hypergrad = self._hypergradient(inner, outer, out, weights)
-            if hypergrad.is_finite():
-                self._outer_update(head_opt, inner, out, hypergrad)
-            else:
-                self._count_fault("hypergrad")
-                head_opt.zero_grad()
+            if not hypergrad.is_finite():
+                return self._skip("hypergrad", policy_opt, head_opt)
+            head_faults = self.faults["hypergrad"]
+            self._outer_update(head_opt, inner, out, hypergrad)
+            if self.faults["hypergrad"] != head_faults:  # the head's own gradient was non-finite (already counted)
+                self._discard_step(policy_opt, head_opt)
+                return None
 
         # ---- inner level: clip → step -----------------------------------------------------------------------
         if last_of_cycle:
-            if not _grads_finite(policy_opt):
-                return self._skip("grad", policy_opt)
             self._clip(policy_opt, self.hparams.policy_grad_clip)
             policy_opt.step()
             self._step_scheduler(0)
@@ -233,7 +244,13 @@ class BoostModule(LightningModule):
         return past_warmup and self.inner_steps % self.hparams.outer_every_n_steps == 0
 
     def _inner_weights(self, inner, outer, outer_due: bool):
-        """Forward the inner batch and decide its weights [B] (detached)."""
+        """Forward the inner batch and decide its weights [B] (detached).
+
+        Weights depend on the whole batch (normalisation, top fractions, l2rw's rescaling). Under DDP every rank
+        gathers the per-row inputs of the global batch (one small all-gather), computes all the weights exactly as
+        one process would, and keeps its own rows; the head's running statistics see the global batch on every
+        rank, so the replicas stay identical.
+        """
         micro = self.hparams.micro_batch_size
         if micro is not None and micro < inner["input_ids"].shape[0]:
             # Weights are a function of the whole batch (per-batch normalisation), so they are computed on a
@@ -244,25 +261,45 @@ class BoostModule(LightningModule):
             out = self.policy.trajectory_forward(inner)
         directional, hypergrad = None, None
         name = self.hparams.weighting
+        nan = torch.full_like(out.loss, float("nan")).detach()
         if name == "learned":
-            scalars = scalar_features(out, inner, self.head.scalar_names)
-            if not (torch.isfinite(scalars).all() and torch.isfinite(out.pooled).all()):
-                # A non-finite feature (e.g. a NaN reward) must not reach the head's running statistics.
-                return out, torch.full_like(out.loss, float("nan")).detach(), None, None
+            scalars, pooled, rows = self._global_features(out, inner)
+            if not (torch.isfinite(scalars).all() and (pooled is None or torch.isfinite(pooled).all())):
+                # A non-finite feature (e.g. a NaN reward) must not reach the head's running statistics. The check
+                # runs on gathered tensors, so every rank skips the step together.
+                return out, nan, None, None
             self.head.observe(scalars)
             with torch.no_grad():
-                weights = self.head(scalars, out.pooled)
+                weights = self.head(scalars, pooled)
         elif name == "l2rw":
-            hypergrad = self._hypergradient(inner, outer, out, torch.ones_like(out.loss))
-            directional = hypergrad.directional
-            weights = l2rw_weights(directional)
+            local = self._local_hypergradient(inner, outer, out, torch.ones_like(out.loss))
+            hypergrad, rows = _gather_hypergradient(local)
+            directional = local.directional
+            weights = l2rw_weights(hypergrad.directional)
         else:
+            columns = torch.stack([inner["is_synthetic"].float(), inner["reward"].float(), inner["length"].float(),
+                                   inner["num_turns"].float()], dim=1)
+            table, rows = dp.all_gather_rows(columns)
+            is_synthetic, reward, length, turns = table.unbind(1)
             baseline = 0.0
             if name == "advantage_weighted":
-                baseline = self.aw_baseline.update_and_predict(inner["reward"], inner["length"], inner["num_turns"])
-            weights = fixed_weights(name, inner["is_synthetic"], inner["reward"], self.hparams.filter_fraction,
+                baseline = self.aw_baseline.update_and_predict(reward, length, turns)
+            weights = fixed_weights(name, is_synthetic, reward, self.hparams.filter_fraction,
                                     self.hparams.weighting_temperature, baseline)
-        return out, weights.detach(), directional, hypergrad
+        if not torch.isfinite(weights).all():
+            return out, nan, directional, hypergrad
+        return out, weights[rows].detach(), directional, hypergrad
+
+    def _global_features(self, out: TrajectoryOutput, inner) -> tuple[Tensor, Tensor | None, slice]:
+        """Head inputs of the global batch (scalars [N, k], pooled [N, H] or None) and this rank's rows in them."""
+        scalars = scalar_features(out, inner, self.head.scalar_names)
+        k = scalars.shape[1]
+        if not self.head.uses_hidden:
+            table, rows = dp.all_gather_rows(scalars)
+            return table, None, rows
+        # One collective for both: B·(k + H) floats per call, small next to the policy's forward.
+        table, rows = dp.all_gather_rows(torch.cat([scalars, out.pooled.float()], dim=1))
+        return table[:, :k], table[:, k:], rows
 
     def _objective(self, losses: Tensor, reward: Tensor) -> Tensor:
         hp = self.hparams
@@ -275,47 +312,109 @@ class BoostModule(LightningModule):
         return behaviour_cloning(losses, reward)
 
     def _inner_backward(self, inner, out: TrajectoryOutput, weights: Tensor, scale: float) -> Tensor:
-        """Backward of L_in = Σwℓ/Σw, chunked if ``micro_batch_size`` is set; returns L_in (detached)."""
-        total = weights.sum().clamp(min=1e-12)
+        """Backward of L_in = Σwℓ/Σw, chunked if ``micro_batch_size`` is set; returns L_in (detached).
+
+        Under DDP each rank backpropagates its term Σ_local wℓ / Σ_global w and the policy gradients are summed
+        over ranks (:meth:`_synced_policy_backward`); the returned L_in is the global value on every rank.
+        """
+        # Sync point: Σ_global w (one scalar all-reduce per step).
+        total = dp.all_reduce_sum(weights.sum()).clamp(min=1e-12)
         objective = self._objective(out.loss, inner["reward"])
         micro = self.hparams.micro_batch_size
         if micro is None or micro >= weights.shape[0]:
             loss = weighted_loss(objective, weights, total)
-            if torch.isfinite(loss):
-                self.manual_backward(loss * scale)
-            return loss.detach()
+            loss_value = dp.all_reduce_sum(loss.detach())
+            if torch.isfinite(loss_value):
+                self._synced_policy_backward([lambda: loss * scale])
+            return loss_value
         # The objective's per-batch statistics (filter threshold, baselines) come from the whole batch: pass
         # them to each chunk as the multiplier objective/NLL computed above on the no-grad pass.
         multiplier = (objective / out.loss.clamp(min=1e-12)).detach()
-        loss_value = weighted_loss(objective.detach(), weights, total)
+        loss_value = dp.all_reduce_sum(weighted_loss(objective.detach(), weights, total))
         if not torch.isfinite(loss_value):
             return loss_value
-        for start, chunk in zip(range(0, weights.shape[0], micro), _chunks(inner, micro)):
-            rows = slice(start, start + micro)
-            chunk_loss = self.policy.trajectory_forward(chunk).loss * multiplier[rows]
-            self.manual_backward(weighted_loss(chunk_loss, weights[rows], total) * scale)
+
+        def chunk_loss(chunk, rows):
+            losses = self.policy.trajectory_forward(chunk).loss * multiplier[rows]
+            return weighted_loss(losses, weights[rows], total) * scale
+
+        self._synced_policy_backward([
+            (lambda chunk=chunk, start=start: chunk_loss(chunk, slice(start, start + micro)))
+            for start, chunk in zip(range(0, weights.shape[0], micro), _chunks(inner, micro))
+        ])
         return loss_value
 
+    def _synced_policy_backward(self, losses) -> None:
+        """Backpropagate each loss thunk locally, then sum this step's policy gradients over ranks.
+
+        DDP's own reducer is kept out of the way (:meth:`_local_backward`): with two backward passes per step over
+        disjoint parameters (policy, head) it would wait forever for the unused ones unless
+        ``find_unused_parameters`` were set, and it averages where the weighted loss needs a sum. Instead one
+        flattened all-reduce of the LoRA gradients (the same bytes DDP would move) runs once per inner batch.
+        Gradients accumulated from earlier batches of an accumulation cycle are already global, so only this
+        batch's increment is reduced. Parameters without a gradient stay without one (as in one process).
+        """
+        params = list(self.policy.trainable_named_parameters().values())
+        prior = [None if p.grad is None else p.grad.clone() for p in params] if dp.is_distributed() else None
+        for loss in losses:
+            self._local_backward(loss())
+        if prior is None:
+            return
+        grads = []
+        for p, before in zip(params, prior):
+            if p.grad is not None:
+                if before is not None:
+                    p.grad.sub_(before)
+                grads.append(p.grad)
+        dp.all_reduce_tensors_(grads, op="sum")
+        for p, before in zip(params, prior):
+            if p.grad is not None and before is not None:
+                p.grad.add_(before)
+
+    def _local_backward(self, loss: Tensor) -> None:
+        """``manual_backward`` with the DDP reducer off (``no_sync``): gradients stay local until synced here."""
+        wrapper = self.trainer.strategy.model if self._trainer is not None else None
+        with wrapper.no_sync() if isinstance(wrapper, DistributedDataParallel) else contextlib.nullcontext():
+            self.manual_backward(loss)
+
     def _hypergradient(self, inner, outer, out: TrajectoryOutput, weights: Tensor) -> Hypergradient:
+        """The hypergradient of the global inner batch ([N] fields, gathered under DDP), identical on every rank."""
+        return _gather_hypergradient(self._local_hypergradient(inner, outer, out, weights))[0]
+
+    def _local_hypergradient(self, inner, outer, out: TrajectoryOutput, weights: Tensor) -> Hypergradient:
+        """∂L_val/∂wᵢ for this rank's rows, with v = ∇ of the global validation loss and the global batch size."""
         params = self.policy.trainable_named_parameters()
         lr = self.hparams.lookahead_lr or self.optimizers()[0].param_groups[0]["lr"]
+        # Sync point: global inner and validation row counts (one two-element all-reduce per outer step).
+        num_inner, num_val = (int(n) for n in dp.all_reduce_sum(torch.tensor(
+            [inner["input_ids"].shape[0], outer["input_ids"].shape[0]], device=out.loss.device)))
         inner_fn = lambda p: self._objective(self.policy.functional_losses(inner, p), inner["reward"])  # noqa: E731
-        val_fn = lambda p: self.policy.functional_losses(outer, p).mean()  # noqa: E731
+        # This rank's term of the global mean validation loss; `all_reduce` sums the terms (and their gradients).
+        val_fn = lambda p: self.policy.functional_losses(outer, p).sum() / num_val  # noqa: E731
+        all_reduce = dp.all_reduce_sum if dp.is_distributed() else None
         if self.hparams.hypergradient == "exact":
-            return exact_hypergradient(params, inner_fn, val_fn, weights, lr)
+            return exact_hypergradient(params, inner_fn, val_fn, weights, lr, batch_size=num_inner,
+                                       all_reduce=all_reduce)
         base = self._objective(out.loss.detach(), inner["reward"])
         return first_order_hypergradient(params, inner_fn, val_fn, lr, base_losses=None if self.hparams.fd_central
-                                         else base, eps=self.hparams.fd_eps, central=self.hparams.fd_central)
+                                         else base, eps=self.hparams.fd_eps, central=self.hparams.fd_central,
+                                         batch_size=num_inner, all_reduce=all_reduce)
 
     def _outer_update(self, head_opt, inner, out: TrajectoryOutput, hypergrad: Hypergradient) -> None:
         accumulate = self.hparams.outer_accumulate_grad_batches
         if self._outer_evals % accumulate == 0:
             head_opt.zero_grad()
         self._outer_evals += 1
-        weights = self.head(scalar_features(out, inner, self.head.scalar_names), out.pooled)
+        # The head runs on the global batch on every rank (gathered features, global g from _hypergradient): the
+        # normalisation and the ESS/entropy regulariser are functions of all N weights, and the head is tiny.
+        scalars, pooled, _ = self._global_features(out, inner)
+        weights = self.head(scalars, pooled)
         # ∂/∂φ Σ gᵢ·wᵢ(φ) = Σ gᵢ ∂wᵢ/∂φ: the chain rule through the head, with g the hypergradient.
         surrogate = (hypergrad.grad_weights.to(weights.dtype) * weights).sum() + self.head.regularization(weights)
-        self.manual_backward(surrogate / accumulate)
+        self._local_backward(surrogate / accumulate)
+        # Every rank computed the same gradient from the same inputs; rank 0's copy (a few thousand floats) is
+        # broadcast so that the head replicas stay identical even where kernels are not bitwise deterministic.
+        dp.broadcast_tensors_([p.grad for p in self.head.parameters() if p.grad is not None])
         self.log("outer/val_loss", hypergrad.val_loss, prog_bar=True)
         self.log("outer/surrogate", surrogate.detach())
         self.log("hypergrad/norm", hypergrad.grad_weights.norm())
@@ -341,18 +440,49 @@ class BoostModule(LightningModule):
                 f"totals {self.faults}). Check the data (rewards), the learning rates and the precision."
             )
 
-    def _skip(self, kind: str, policy_opt) -> None:
-        policy_opt.zero_grad()
+    def _skip(self, kind: str, policy_opt, head_opt=None) -> None:
+        """Skip this step (both levels unchanged, see ``_discard_step``) and count the fault."""
+        self._discard_step(policy_opt, head_opt)
         self._count_fault(kind)
         return None
+
+    def _discard_step(self, policy_opt, head_opt=None) -> None:
+        # Nothing has stepped yet when a fault is found (the policy gradient is checked before the head steps),
+        # so dropping the pending gradients and the running statistics this batch touched undoes the whole step.
+        # Gradients accumulated by earlier batches of the same accumulation cycle are dropped with it.
+        policy_opt.zero_grad()
+        if head_opt is not None:
+            head_opt.zero_grad()
+        snapshot = getattr(self, "_fault_snapshot", None)
+        if snapshot is not None:
+            buffers, baseline = snapshot
+            with torch.no_grad():
+                for name, buffer in self.head.named_buffers():
+                    buffer.copy_(buffers[name])
+            self.aw_baseline.load_state_dict(baseline)
+
+    def _running_state(self) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+        """Copies of the state a step updates besides parameters and optimizers (tiny: feature statistics)."""
+        return {n: b.detach().clone() for n, b in self.head.named_buffers()}, self.aw_baseline.state_dict()
 
     # -- logging --------------------------------------------------------------------------------------------------
     def _log_inner(self, inner, out: TrajectoryOutput, weights: Tensor, inner_loss: Tensor,
                    hypergrad: Hypergradient | None) -> None:
-        synthetic = inner["is_synthetic"].bool()
+        # Statistics of the global batch (one all-gather of B×3 floats) rather than sync_dist means of per-rank
+        # values: the ESS of the global weights is not the mean of per-rank ESS. inner_loss is already global.
+        table, _ = dp.all_gather_rows(torch.cat([weights.float()[:, None], inner["is_synthetic"].float()[:, None],
+                                                 out.loss.detach().float()[:, None], out.pooled.detach().float()],
+                                                dim=1))
+        weights, synthetic, nll, pooled = table[:, 0], table[:, 1].bool(), table[:, 2], table[:, 3:]
         ess = effective_sample_size(weights)
+        # The PAC-Bayes trade-off: weighted empirical risk vs ESS vs task shift (weighted-synthetic vs real MMD²).
+        bound = tradeoff(nll, weights, pooled, synthetic)
+        self.log("tradeoff/weighted_risk", bound.weighted_risk)
+        self.log("tradeoff/ess", bound.ess)
+        if torch.isfinite(bound.task_shift):
+            self.log("tradeoff/task_shift", bound.task_shift)
         self.log("inner/loss", inner_loss, prog_bar=True)
-        self.log("inner/nll", out.loss.detach().mean())
+        self.log("inner/nll", nll.mean())
         self.log("inner/lr", self.optimizers()[0].param_groups[0]["lr"])
         self.log("inner_steps", float(self.inner_steps))
         self.log("outer_steps", float(self.outer_steps))
@@ -420,10 +550,12 @@ class BoostModule(LightningModule):
             "batches_seen": self._batches_seen,
             "outer_evals": self._outer_evals,
             "aw_baseline": self.aw_baseline.state_dict(),
+            "rng": rng_state(),
         }
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         state = checkpoint.get("boost", {})
+        self._pending_rng = state.get("rng")
         self.inner_steps = state.get("inner_steps", 0)
         self.outer_steps = state.get("outer_steps", 0)
         self.faults.update(state.get("faults", {}))
@@ -432,6 +564,15 @@ class BoostModule(LightningModule):
         self._outer_evals = state.get("outer_evals", 0)
         if "aw_baseline" in state:
             self.aw_baseline.load_state_dict(state["aw_baseline"])
+
+    def on_train_start(self) -> None:
+        # RNG states go back when training starts, not at load time: the sanity check and the new dataloader
+        # iterators (each draws a base seed) would otherwise move them away from the uninterrupted run. They are the
+        # states of the save point, so the streams match exactly when the uninterrupted run drew nothing between
+        # that point and its next step (no validation pass or epoch change in between).
+        if self._pending_rng is not None:
+            set_rng_state(self._pending_rng)
+            self._pending_rng = None
 
 
 def _default_adamw(params):
@@ -454,6 +595,13 @@ def _chunks(batch: Mapping[str, Any], size: int):
     n = batch["input_ids"].shape[0]
     for start in range(0, n, size):
         yield {k: v[start : start + size] for k, v in batch.items()}
+
+
+def _gather_hypergradient(local: Hypergradient) -> tuple[Hypergradient, slice]:
+    """Per-row fields of every rank concatenated (val_loss and v_norm are already global); this rank's rows."""
+    table, rows = dp.all_gather_rows(torch.stack([local.grad_weights, local.directional], dim=1))
+    return Hypergradient(grad_weights=table[:, 0], val_loss=local.val_loss, v_norm=local.v_norm,
+                         directional=table[:, 1]), rows
 
 
 def _cat_outputs(outs: list[TrajectoryOutput]) -> TrajectoryOutput:

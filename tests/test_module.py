@@ -173,3 +173,13 @@ def test_inner_gradient_accumulation_equals_one_big_batch(tiny_llama_config):
     assert one.inner_steps == two.inner_steps == 1
     for (n, a), (_, b) in zip(one.named_parameters(), two.named_parameters()):
         torch.testing.assert_close(a, b, rtol=0, atol=1e-6, msg=lambda m, n=n: f"{n}: {m}")
+
+
+def test_tradeoff_scalars_are_logged_and_match_the_batch(tiny_llama_config):
+    # Uniform weights: the weighted risk is the plain mean NLL and the ESS is the batch size.
+    module = make_module(tiny_llama_config, weighting="uniform")
+    trainer = fit(module, loader(module.policy.vocab_size, steps=1, batch_size=6))
+    metrics = trainer.logged_metrics
+    assert metrics["tradeoff/ess"].item() == pytest.approx(6.0)
+    assert metrics["tradeoff/weighted_risk"].item() == pytest.approx(metrics["inner/nll"].item(), rel=1e-6)
+    assert metrics["tradeoff/task_shift"].item() >= 0.0

@@ -12,6 +12,11 @@ matter and a pool-level normalising constant (e.g. of a softmax over the whole p
 * ``advantage_weighted``: wᵢ ∝ exp((Rᵢ − b̂)/α) with b̂ a baseline fitted to the returns (AW; same paper).
 * ``l2rw``: Ren et al., ICML 2018, "Learning to Reweight Examples": wᵢ ∝ max(0, ⟨∇L_val, ∇ℓᵢ⟩), recomputed for
   every batch from the same finite-difference probe as BOOST's hypergradient; nothing is learned.
+
+Under data parallelism "the batch" is the global batch: ``BoostModule`` gathers the per-row inputs of every rank
+(source, return, length, turns, or the l2rw directional derivatives), calls these functions on the whole batch,
+identically on every rank, and keeps its own rows; :class:`RunningBaseline` is fitted on the gathered rows too. So
+every weighting gives the weights of a one-process run on the same global batch.
 """
 
 from __future__ import annotations

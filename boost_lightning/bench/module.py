@@ -45,15 +45,12 @@ def _model_config(args) -> dict:
 def run_one(method: str, args) -> dict:
     """Train ``args.steps`` (+ warm-up) steps of one method; return seconds per step and peak memory (MiB)."""
     import torch
-    from lightning.pytorch import Callback, Trainer
-    from torch.utils.data import DataLoader
 
     from boost_lightning.bench.batches import random_batch
     from boost_lightning.models import PolicyModel, WeightHead
     from boost_lightning.module import BoostModule
 
     torch.manual_seed(0)
-    cuda = args.device == "cuda"
     attn = "eager" if METHODS[method].get("hypergradient") == "exact" else "sdpa"
     policy = PolicyModel(config=_model_config(args), r=8, lora_alpha=16, attn_implementation=attn,
                          dtype="bfloat16" if args.bf16 else "float32")
@@ -61,15 +58,32 @@ def run_one(method: str, args) -> dict:
                          **METHODS[method])
     inner = random_batch(args.vocab_size, args.batch_size, args.seq_len, seed=0)
     outer = random_batch(args.vocab_size, args.batch_size, args.seq_len, seed=1)
-    total = args.warmup + args.steps
-    data = DataLoader([{"inner": inner, "outer": outer}] * total, batch_size=None)
+    cuda = args.device == "cuda"
+    result = measure_steps(module, inner, outer, args.steps, args.warmup, cuda,
+                           "bf16-mixed" if args.bf16 and cuda else "32-true")
+    return {"method": method, **result}
+
+
+def measure_steps(module, inner: dict, outer: dict, steps: int, warmup: int, cuda: bool, precision: str) -> dict:
+    """Train ``warmup + steps`` steps of ``module`` on one repeated batch with a real ``Trainer``.
+
+    Returns:
+        ``step_s`` (mean seconds per timed step), ``tokens_per_s`` (inner-batch tokens, padding included) and
+        ``peak_mib``: on CUDA ``torch.cuda.max_memory_allocated`` over the timed steps (model included); on CPU the
+        growth of the peak resident set over the resident set after warm-up.
+    """
+    import torch
+    from lightning.pytorch import Callback, Trainer
+    from torch.utils.data import DataLoader
+
+    data = DataLoader([{"inner": inner, "outer": outer}] * (warmup + steps), batch_size=None)
 
     class Timer(Callback):
         def __init__(self):
             self.times, self.t0, self.base = [], 0.0, 0
 
         def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
-            if batch_idx == args.warmup:
+            if batch_idx == warmup:
                 if cuda:
                     torch.cuda.synchronize()
                     torch.cuda.reset_peak_memory_stats()
@@ -81,13 +95,13 @@ def run_one(method: str, args) -> dict:
         def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
             if cuda:
                 torch.cuda.synchronize()
-            if batch_idx >= args.warmup:
+            if batch_idx >= warmup:
                 self.times.append(time.perf_counter() - self.t0)
 
     timer = Timer()
     trainer = Trainer(max_epochs=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
                       enable_model_summary=False, accelerator="gpu" if cuda else "cpu", devices=1,
-                      precision="bf16-mixed" if args.bf16 and cuda else "32-true", callbacks=[timer])
+                      precision=precision, callbacks=[timer])
     trainer.fit(module, train_dataloaders=data)
     if cuda:
         peak = torch.cuda.max_memory_allocated() / 2**20
@@ -95,7 +109,8 @@ def run_one(method: str, args) -> dict:
         peak = (_rss_kib("VmHWM") - timer.base) / 1024
     # Mean, not median: with outer_every_n_steps = k only one step in k pays for the hypergradient.
     step = sum(timer.times) / len(timer.times)
-    return {"method": method, "step_s": step, "peak_mib": peak, "tokens_per_s": args.batch_size * args.seq_len / step}
+    tokens = inner["input_ids"].numel()
+    return {"step_s": step, "peak_mib": peak, "tokens_per_s": tokens / step}
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
@@ -115,29 +130,56 @@ def main(argv: list[str] | None = None) -> list[dict]:
     if args.one:
         print(json.dumps(run_one(args.one, args)))
         return []
-    rows = []
-    forwarded = [a for a in (argv if argv is not None else sys.argv[1:]) if not a.startswith("--methods")]
-    # Memory gets its own subprocess with a fixed mmap threshold: glibc then returns every large tensor's pages on
-    # free, so the CPU resident set follows live tensors (instead of freed, fragmented heap). That slows
-    # allocation, so the timing subprocess runs with the default allocator.
-    timing_env, memory_env = dict(os.environ), {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}
-    for method in args.methods.split(","):
-        timed = _subprocess(method, forwarded, timing_env)
-        timed["peak_mib"] = _subprocess(method, forwarded, memory_env)["peak_mib"] if args.device == "cpu" else (
-            timed["peak_mib"])
-        rows.append(timed)
-    sft = rows[0]
+    forwarded = without_option(argv if argv is not None else sys.argv[1:], "--methods")
+    rows = run_methods("boost_lightning.bench.module", args.methods.split(","), forwarded, cpu=args.device == "cpu")
     print(f"model: llama hidden={args.hidden_size} layers={args.layers}, batch {args.batch_size}x{args.seq_len}, "
           f"device={args.device}{' bf16' if args.bf16 else ''}")
-    print(f"{'method':<16}{'step (s)':>10}{'time x SFT':>12}{'tokens/s':>11}{'peak MiB':>10}{'mem x SFT':>11}")
-    for r in rows:
-        print(f"{r['method']:<16}{r['step_s']:>10.4f}{r['step_s'] / sft['step_s']:>12.2f}{r['tokens_per_s']:>11.0f}"
-              f"{r['peak_mib']:>10.1f}{r['peak_mib'] / max(sft['peak_mib'], 1e-9):>11.2f}")
+    print_table(rows)
     return rows
 
 
-def _subprocess(method: str, forwarded: list[str], env: dict) -> dict:
-    out = subprocess.run([sys.executable, "-m", "boost_lightning.bench.module", *forwarded, "--one", method],
+def run_methods(script: str, methods: list[str], forwarded: list[str], cpu: bool) -> list[dict]:
+    """Run ``python -m script *forwarded --one method`` per method, each in a fresh process; rows in order.
+
+    On CPU, memory gets its own second subprocess with a fixed mmap threshold: glibc then returns every large
+    tensor's pages on free, so the resident set follows live tensors (instead of freed, fragmented heap). That slows
+    allocation, so the timing subprocess runs with the default allocator.
+    """
+    timing_env, memory_env = dict(os.environ), {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}
+    rows = []
+    for method in methods:
+        timed = _subprocess(script, method, forwarded, timing_env)
+        if cpu:
+            timed["peak_mib"] = _subprocess(script, method, forwarded, memory_env)["peak_mib"]
+        rows.append(timed)
+    return rows
+
+
+def print_table(rows: list[dict]) -> None:
+    """Step time, tokens/s and peak memory per row, with ratios to the first row (the SFT reference)."""
+    ref = rows[0]
+    width = max(16, *(len(r["method"]) + 2 for r in rows))
+    print(f"{'method':<{width}}{'step (s)':>10}{'time x SFT':>12}{'tokens/s':>11}{'peak MiB':>10}{'mem x SFT':>11}")
+    for r in rows:
+        print(f"{r['method']:<{width}}{r['step_s']:>10.4f}{r['step_s'] / ref['step_s']:>12.2f}"
+              f"{r['tokens_per_s']:>11.0f}{r['peak_mib']:>10.1f}{r['peak_mib'] / max(ref['peak_mib'], 1e-9):>11.2f}")
+
+
+def without_option(argv: list[str], name: str) -> list[str]:
+    """``argv`` without ``name VALUE`` / ``name=VALUE`` (the parent's selection, not forwarded to subprocesses)."""
+    out, skip = [], False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg == name:
+            skip = True
+        elif not arg.startswith(name + "="):
+            out.append(arg)
+    return out
+
+
+def _subprocess(script: str, method: str, forwarded: list[str], env: dict) -> dict:
+    out = subprocess.run([sys.executable, "-m", script, *forwarded, "--one", method],
                          capture_output=True, text=True, env=env)
     if out.returncode != 0:
         print(out.stderr[-3000:], file=sys.stderr)

@@ -13,6 +13,11 @@ The bilevel problem, with one inner step as the lookahead (B rows, weights of me
 
 Both take the parameters as a name → tensor mapping and two functions of such a mapping, so the same code serves
 an HF policy (through ``torch.func.functional_call``) and the closed-form toys in the tests.
+
+Data parallel: pass ``all_reduce`` (a sum over replicas, e.g. :func:`boost_lightning.distributed.all_reduce_sum`),
+let ``val_loss`` return this replica's *term* of the global validation loss (its shard mean / world size) and give
+the global ``batch_size``. Then v and the validation loss are global, and each replica gets ∂L_val/∂wᵢ for its own
+rows, equal to what one process would compute on the global batch.
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ import torch
 from torch import Tensor
 
 Params = Mapping[str, Tensor]
+Reduce = Callable[[Tensor], Tensor]
 
 
 @dataclass
@@ -56,6 +62,8 @@ def first_order_hypergradient(
     base_losses: Tensor | None = None,
     eps: float = 1e-2,
     central: bool = False,
+    batch_size: int | None = None,
+    all_reduce: Reduce | None = None,
 ) -> Hypergradient:
     """Finite-difference hypergradient ∂L_val/∂w ≈ −α/B · [ℓ(θ + εv) − ℓ(θ)] / ε, v = ∇L_val(θ).
 
@@ -67,12 +75,19 @@ def first_order_hypergradient(
         base_losses: ℓ(θ) [B] if the caller already has it (the inner step computed it): saves one forward.
         eps: Length of the probe step along v; the step is ε/‖v‖·v so its norm is ``eps`` whatever ‖v‖ is.
         central: Use [ℓ(θ+εv) − ℓ(θ−εv)] / 2ε (second-order accurate, one more forward).
+        batch_size: B of the lookahead step: the global batch under data parallelism (default: this call's rows).
+        all_reduce: Sum over data-parallel replicas; ``val_loss`` then returns this replica's term of the global
+            validation loss (module docstring). None: a single process.
     """
     names = list(params)
     live = [params[n] for n in names]
     val = val_loss(params)
     grads = torch.autograd.grad(val, live, allow_unused=True)
     v = [torch.zeros_like(p) if g is None else g.detach() for p, g in zip(live, grads)]
+    if all_reduce is not None:
+        # Sync point: v must be ∇ of the *global* validation loss before the probe; the loss rides in the same
+        # collective (one all-reduce of |θ| + 1 floats per outer step).
+        val, v = _reduce_flat(all_reduce, val.detach(), v)
     v_norm = torch.sqrt(sum((_up(g) ** 2).sum() for g in v))
     step = eps / v_norm.clamp(min=1e-12)
 
@@ -86,7 +101,7 @@ def first_order_hypergradient(
         else:
             base = inner_losses({n: p.detach() for n, p in zip(names, live)}) if base_losses is None else base_losses
             directional = (plus - _up(base.detach())) / step
-    batch = directional.shape[0]
+    batch = batch_size or directional.shape[0]
     return Hypergradient(
         grad_weights=-lr * directional / batch,
         val_loss=val.detach(),
@@ -101,6 +116,8 @@ def exact_hypergradient(
     val_loss: Callable[[Params], Tensor],
     weights: Tensor,
     lr: float,
+    batch_size: int | None = None,
+    all_reduce: Reduce | None = None,
 ) -> Hypergradient:
     """Exact one-step unrolled hypergradient (second-order autograd through the inner step).
 
@@ -113,18 +130,35 @@ def exact_hypergradient(
         val_loss: θ ↦ scalar validation loss.
         weights: [B] the weights w at which the hypergradient is taken.
         lr: α, the inner learning rate of the unrolled step.
+        batch_size: B of the unrolled step: the global batch under data parallelism (default: this call's rows).
+        all_reduce: Sum over data-parallel replicas (module docstring). None: a single process.
     """
     names = list(params)
     theta = {n: params[n].detach().clone().requires_grad_(True) for n in names}
     w = weights.detach().clone().requires_grad_(True)
-    batch = w.shape[0]
+    batch = batch_size or w.shape[0]
     try:
         with _math_attention():
             inner = (w * inner_losses(theta)).sum() / batch
             grads = torch.autograd.grad(inner, list(theta.values()), create_graph=True, allow_unused=True)
+            if all_reduce is not None:
+                # The step takes the value of the global gradient; only this replica's rows carry a graph to w.
+                _, total = _reduce_flat(all_reduce, inner.detach(), [torch.zeros_like(theta[n]) if g is None
+                                                                    else g.detach() for n, g in zip(names, grads)])
+                grads = [None if g is None else g + (t.to(g.dtype) - g.detach()) for g, t in zip(grads, total)]
             updated = {n: theta[n] - lr * g if g is not None else theta[n] for n, g in zip(names, grads)}
             val = val_loss(updated)
-            outs = torch.autograd.grad(val, [w, *updated.values()], allow_unused=True)
+            if all_reduce is None:
+                outs = torch.autograd.grad(val, [w, *updated.values()], allow_unused=True)
+            else:
+                # v' = ∇L_val(θ') of the global validation loss, then ∂L_val/∂w = ⟨v', ∂θ'/∂w⟩ for this rank's rows.
+                local = torch.autograd.grad(val, list(updated.values()), retain_graph=True, allow_unused=True)
+                val, v = _reduce_flat(all_reduce, val.detach(), [torch.zeros_like(p) if g is None else g
+                                                                  for p, g in zip(updated.values(), local)])
+                moved = [(u, g) for u, g in zip(updated.values(), v) if u.grad_fn is not None]
+                grad_w = torch.autograd.grad([u for u, _ in moved], w, grad_outputs=[g.to(u.dtype) for u, g in moved],
+                                             allow_unused=True)[0]
+                outs = (torch.zeros_like(w) if grad_w is None else grad_w, *v)
     except RuntimeError as err:
         if "derivative for" in str(err) or "double backward" in str(err) or "not implemented" in str(err):
             raise RuntimeError(
@@ -142,6 +176,16 @@ def exact_hypergradient(
         v_norm=v_norm.detach(),
         directional=(-grad_w * batch / lr).detach(),
     )
+
+
+def _reduce_flat(all_reduce: Reduce, scalar: Tensor, tensors: list[Tensor]) -> tuple[Tensor, list[Tensor]]:
+    """One collective for a scalar and a list of tensors (float32 at least); returns them reduced, same shapes."""
+    flat = all_reduce(torch.cat([_up(scalar).reshape(1), *(_up(t).reshape(-1) for t in tensors)]))
+    out, offset = [], 1
+    for t in tensors:
+        out.append(flat[offset : offset + t.numel()].view(t.shape))
+        offset += t.numel()
+    return flat[0], out
 
 
 def _up(x: Tensor) -> Tensor:

@@ -13,8 +13,11 @@ A training batch is ``{"inner": batch, "outer": batch}``.
 
 Sharding. The datamodule shards its own data under DDP; it never relies on Lightning's sampler replacement. Rank and
 world size come from the attached trainer when the dataloaders are built (0 and 1 without one). The training
-samplers subclass ``DistributedSampler`` and validation/predict use a plain ``DistributedSampler``, so Lightning leaves
-them alone whatever ``use_distributed_sampler`` says (the project's trainer sets it to False anyway).
+samplers subclass ``DistributedSampler`` (validation/predict use ``ShardSampler``, one too), so Lightning leaves them
+alone whatever ``use_distributed_sampler`` says (the project's trainer sets it to False anyway). ``batch_size`` and
+``validation_batch_size`` are per rank: with W ranks the global inner batch is W × ``batch_size`` rows, and at every
+step the union of the ranks' batches is exactly the batch of a one-process run with W × ``batch_size`` (rank r holds
+its r-th slice, so rank order is row order; with ``real_fraction`` this holds when round(f·b)·W = round(f·W·b)).
 """
 
 from __future__ import annotations
@@ -152,10 +155,28 @@ class MixedSampler(DistributedSampler):
         self.epoch, self.shuffle, self.drop_last = 0, True, False
         self.num_samples = len(self)
         self.total_size = self.num_samples * world_size
+        self.start_batch = 0  # where the next iteration over ``self.epoch`` starts (resume); reset once used
 
     def set_epoch(self, epoch: int) -> None:
         """Select the epoch whose order ``__iter__`` yields (Lightning calls this before every epoch)."""
+        if epoch != self.epoch:
+            self.start_batch = 0
         self.epoch = epoch
+
+    def state_dict(self) -> dict[str, int]:
+        """``{"epoch", "start_batch"}``: the epoch and the batch the next iteration starts at."""
+        return {"epoch": self.epoch, "start_batch": self.start_batch}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        """Resume: the next iteration yields epoch ``state["epoch"]`` from its batch ``state["start_batch"]`` on.
+
+        Earlier batches are skipped as indices, so their rows are never read or collated. ``len()`` stays the full
+        epoch: the trainer's restored batch counter accounts for the skipped batches.
+        """
+        epoch, start = int(state["epoch"]), int(state["start_batch"])
+        if not 0 <= start <= self.num_batches:
+            raise ValueError(f"start_batch {start} outside an epoch of {self.num_batches} batches")
+        self.epoch, self.start_batch = epoch, start
 
     @property
     def num_batches(self) -> int:
@@ -176,11 +197,42 @@ class MixedSampler(DistributedSampler):
         return order[self.rank :: self.num_replicas].tolist()
 
     def __iter__(self) -> Iterator[int]:
-        for batch in self.batches():
+        start, self.start_batch = self.start_batch, 0
+        for batch in self.batches()[start:]:
             yield from batch
 
     def __len__(self) -> int:
         return self.num_batches * self.batch_size
+
+
+class ShardSampler(DistributedSampler):
+    """Rows ``rank, rank + W, rank + 2W, ...`` of a dataset, in order: disjoint shards whose union is every row once.
+
+    Unlike ``DistributedSampler`` it never pads a shard with repeated rows (shards differ by at most one row), so
+    metrics synchronised over ranks count every validation row exactly once.
+
+    Args:
+        size: Rows in the dataset.
+        rank: This process's rank.
+        world_size: Number of ranks.
+    """
+
+    def __init__(self, size: int, rank: int = 0, world_size: int = 1) -> None:
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} outside world size {world_size}")
+        self.size, self.num_replicas, self.rank = size, world_size, rank
+        self.epoch, self.shuffle, self.drop_last, self.seed = 0, False, False, 0
+        self.num_samples = len(range(rank, size, world_size))
+        self.total_size = size
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(range(self.rank, self.size, self.num_replicas))
+
+    def __len__(self) -> int:
+        return self.num_samples
 
 
 class BoostDataModule(LightningDataModule):
@@ -264,6 +316,7 @@ class BoostDataModule(LightningDataModule):
         self.seed = seed
         self.cache_dir = cache_dir
         self.splits: dict[str, LoadedSplit] = {}
+        self._resume: dict[str, int] | None = None  # position loaded from a checkpoint, for the next train loader
 
     @property
     def tokenizer(self) -> PreTrainedTokenizerBase:
@@ -367,19 +420,43 @@ class BoostDataModule(LightningDataModule):
             world_size=world_size,
             num_batches=inner_sampler.num_global_batches,
         )
+        if self._resume is not None:
+            for sampler in (inner_sampler, outer_sampler):
+                sampler.load_state_dict(self._resume)
+            self._resume = None
         loaders = {
             "inner": self._loader(inner, self.batch_size, inner_sampler),
             "outer": self._loader(self._dataset("validation"), self.validation_batch_size, outer_sampler),
         }
         return CombinedLoader(loaders, mode="max_size_cycle")
 
+    def state_dict(self) -> dict[str, int]:
+        """The position in the training epoch, saved in checkpoints: ``{"epoch", "start_batch"}``.
+
+        Read from the trainer's loop (batches trained so far this epoch), not from the samplers, which the
+        dataloader and its workers read ahead of training.
+        """
+        loop = getattr(self.trainer, "fit_loop", None)
+        if loop is None:
+            return {}
+        trainer = self.trainer
+        epoch, done = loop.epoch_progress.current.completed, loop.epoch_loop.batch_progress.current.processed
+        if trainer.num_training_batches != float("inf") and done >= trainer.num_training_batches:
+            epoch, done = epoch + 1, 0  # saved at the end of an epoch: the next one starts from its beginning
+        return {"epoch": int(epoch), "start_batch": int(done)}
+
+    def load_state_dict(self, state_dict: dict[str, int]) -> None:
+        """Resume the next ``train_dataloader`` at the saved position (consumed batches are skipped, not read)."""
+        self._resume = dict(state_dict) if state_dict else None
+
     def _sequential(self, name: str) -> DataLoader:
         dataset = self._dataset(name)
         rank, world_size = self._distributed()
-        # DistributedSampler pads the last shard with repeated rows; row_id tells them apart.
+        # Unpadded shards: synced metrics see every row once; shards may differ by one row (no per-step collectives
+        # run in validation/predict, so uneven batch counts are fine).
         sampler = None
         if world_size > 1:
-            sampler = DistributedSampler(dataset, num_replicas=world_size, rank=rank, shuffle=False)
+            sampler = ShardSampler(len(dataset), rank=rank, world_size=world_size)
         return self._loader(dataset, self.validation_batch_size, sampler)
 
     def val_dataloader(self) -> DataLoader:

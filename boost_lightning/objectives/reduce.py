@@ -2,7 +2,8 @@
 
 L = Σᵢ wᵢ ℓᵢ / Σᵢ wᵢ over the *whole* batch. Written as a sum over rows divided by a total that the caller
 computes once for the whole batch, so splitting the batch into micro-batches (or ranks) and adding the parts
-gives exactly the full-batch value and gradient.
+gives exactly the full-batch value and gradient. Under data parallelism ``total_weight`` is Σ w over every rank's
+rows and the per-rank gradients are *summed* (not averaged, as DDP's reducer would) to give the global gradient.
 """
 
 from __future__ import annotations
