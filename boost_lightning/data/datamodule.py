@@ -255,7 +255,8 @@ class BoostDataModule(LightningDataModule):
             a synthetic row here is an error.
         synthetic: Synthetic trajectories, same kinds of spec; rows without ``source`` are synthetic.
         validation: Held-out real trajectories: the outer objective and ``val_dataloader``. Required.
-        tokenizer: A tokenizer object, a local tokenizer directory or ``embedded:<task>``; a fast tokenizer is needed.
+        tokenizer: A tokenizer object, a local tokenizer directory, ``embedded:<task>`` or a model alias such as
+            ``smollm2-135m-instruct`` (the pretrained model's own tokenizer); a fast tokenizer is needed.
             Conversations are rendered with its chat template, or without one in the plain format
             ``{role}:\\n{content}{eos}\\n`` per message.
         batch_size: Rows per inner batch (per device).
