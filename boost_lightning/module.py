@@ -82,6 +82,10 @@ class BoostModule(LightningModule):
         lookahead_lr: α of the one-step lookahead θ' = θ − α∇L_in. Defaults to the policy optimizer's lr.
         fd_eps: Norm of the finite-difference probe step along v = ∇L_val.
         fd_central: Central differences (one more forward of the inner batch per outer step).
+        normalize_hypergradient: Divide the per-row hypergradient by its root mean square over the batch before
+            the head's backward (surrogate (1/B)·Σ gᵢwᵢ/rms(g)). Its raw scale follows the policy's lr and loss
+            scale (often ~1e-4), so without this the head regulariser's strength has no fixed meaning; with it,
+            ``regularizer_strength`` ≈ 1 weighs the ESS penalty as much as the validation signal.
         outer_every_n_steps: An outer (head) update every this many inner steps.
         head_warmup_steps: Inner steps of plain weighted SFT before the first outer update.
         inner_accumulate_grad_batches: Batches whose inner gradients are accumulated per policy step.
@@ -112,6 +116,7 @@ class BoostModule(LightningModule):
         lookahead_lr: float | None = None,
         fd_eps: float = 1e-2,
         fd_central: bool = False,
+        normalize_hypergradient: bool = True,
         outer_every_n_steps: int = 1,
         head_warmup_steps: int = 0,
         inner_accumulate_grad_batches: int = 1,
@@ -410,7 +415,11 @@ class BoostModule(LightningModule):
         scalars, pooled, _ = self._global_features(out, inner)
         weights = self.head(scalars, pooled)
         # ∂/∂φ Σ gᵢ·wᵢ(φ) = Σ gᵢ ∂wᵢ/∂φ: the chain rule through the head, with g the hypergradient.
-        surrogate = (hypergrad.grad_weights.to(weights.dtype) * weights).sum() + self.head.regularization(weights)
+        g = hypergrad.grad_weights.to(weights.dtype)
+        if self.hparams.normalize_hypergradient:
+            # Only g's direction across rows carries the signal; a unit RMS puts it on the regulariser's scale.
+            g = g / (g.pow(2).mean().sqrt() + 1e-30) / g.shape[0]
+        surrogate = (g * weights).sum() + self.head.regularization(weights)
         self._local_backward(surrogate / accumulate)
         # Every rank computed the same gradient from the same inputs; rank 0's copy (a few thousand floats) is
         # broadcast so that the head replicas stay identical even where kernels are not bitwise deterministic.

@@ -153,7 +153,10 @@ def test_micro_batch_split_gives_the_same_run(tiny_llama_config, weighting):
     data = loader(tiny_llama_config["vocab_size"], steps=3, batch_size=8)
     runs = []
     for micro in (None, 4, 1):
-        module = make_module(tiny_llama_config, weighting=weighting, micro_batch_size=micro)
+        # Raw hypergradient: its unit-RMS normalisation would scale fp32 finite-difference rounding (~1e-7 of the
+        # loss) up to O(1) head steps under this test's SGD lr of 1, and the comparison is at 1e-6.
+        module = make_module(tiny_llama_config, weighting=weighting, micro_batch_size=micro,
+                             normalize_hypergradient=False)
         fit(module, data)
         runs.append(module)
     for other in runs[1:]:
@@ -183,3 +186,21 @@ def test_tradeoff_scalars_are_logged_and_match_the_batch(tiny_llama_config):
     assert metrics["tradeoff/ess"].item() == pytest.approx(6.0)
     assert metrics["tradeoff/weighted_risk"].item() == pytest.approx(metrics["inner/nll"].item(), rel=1e-6)
     assert metrics["tradeoff/task_shift"].item() >= 0.0
+
+
+def test_hypergradient_normalisation_only_rescales_the_head_gradient(tiny_llama_config):
+    # One outer step with plain SGD and no clipping: the normalised run's head update is the raw run's times one
+    # scalar, 1 / (B · rms(g)), the same for every head parameter.
+    deltas = []
+    for normalize in (False, True):
+        module = make_module(tiny_llama_config, normalize_hypergradient=normalize, head_grad_clip=None,
+                             lookahead_lr=0.1, policy_optimizer=lambda p: torch.optim.SGD(p, lr=0.0))
+        before = snapshot(module)
+        fit(module, loader(module.policy.vocab_size, steps=1, batch_size=6))
+        deltas.append(torch.cat([(p.detach() - before[n]).flatten() for n, p in module.named_parameters()
+                                 if n.startswith("head.")]))
+    raw, normalized = deltas
+    moved = raw.abs() > raw.abs().max() * 1e-2
+    ratio = normalized[moved] / raw[moved]
+    assert moved.sum() > 10 and ratio.min() > 0
+    torch.testing.assert_close(ratio, ratio.median().expand_as(ratio), rtol=1e-3, atol=0)

@@ -141,7 +141,7 @@ def resolve_methods(methods: str | Sequence[str]) -> list[str]:
 
 def plan(preset: Preset, tasks: Sequence[str], methods: Sequence[str], seeds: int | None = None,
          ablation: bool = True, ablation_task: str | None = None) -> list[RunSpec]:
-    """The runs of a suite: every method × task × seed, then the ablation axes on one task.
+    """The runs of a suite: every method × task × seed plus the ablation axes on one task.
 
     Ablation points that coincide with a main run (same task, method, seed, pool) are that run, so they cost
     nothing extra; such specs are merged and list every axis they belong to.
@@ -162,10 +162,11 @@ def plan(preset: Preset, tasks: Sequence[str], methods: Sequence[str], seeds: in
         old = specs.get(spec.run_id)
         specs[spec.run_id] = spec if old is None else replace(old, axes=tuple(dict.fromkeys(old.axes + spec.axes)))
 
+    # Seed 0 of the main comparison, then the ablation, then the other seeds: a suite stopped part-way (it resumes
+    # anyway) already has every method on every task, and the ablation, to report.
     for task in tasks:
         for method in methods:
-            for seed in range(seeds):
-                add(RunSpec(task, method, seed, **base))
+            add(RunSpec(task, method, 0, **base))
     if ablation and tasks:
         task = ablation_task or tasks[0]
         for seed in range(preset.ablation_seeds):
@@ -177,6 +178,10 @@ def plan(preset: Preset, tasks: Sequence[str], methods: Sequence[str], seeds: in
             for strength in preset.ablation_strengths:
                 add(RunSpec(task, "learned", seed, preset.shifted_fraction, preset.num_synthetic, strength,
                             axes=("regularizer",)))
+    for seed in range(1, seeds):
+        for task in tasks:
+            for method in methods:
+                add(RunSpec(task, method, seed, **base))
     return list(specs.values())
 
 
