@@ -103,3 +103,16 @@ def write_jsonl(tmp_path):
         return str(path)
 
     return write
+
+
+@pytest.fixture(scope="module")
+def isolated_cache(tmp_path_factory):
+    """A fresh ``$BOOST_LIGHTNING_CACHE`` for one test module (embedded data, converted models), restored after."""
+    root = tmp_path_factory.mktemp("cache")
+    old = os.environ.get("BOOST_LIGHTNING_CACHE")
+    os.environ["BOOST_LIGHTNING_CACHE"] = str(root)
+    yield root
+    if old is None:
+        os.environ.pop("BOOST_LIGHTNING_CACHE")
+    else:
+        os.environ["BOOST_LIGHTNING_CACHE"] = old

@@ -14,20 +14,6 @@ FAST = ["--model.max_inner_steps", "6", "--trainer.val_check_interval", "3", "--
         "--data.batch_size", "4", "--data.validation_batch_size", "4", "--trainer.enable_progress_bar", "false"]
 
 
-@pytest.fixture(scope="module")
-def embedded_cache(tmp_path_factory):
-    import os
-
-    path = tmp_path_factory.mktemp("cache")
-    old = os.environ.get("BOOST_LIGHTNING_CACHE")
-    os.environ["BOOST_LIGHTNING_CACHE"] = str(path)
-    yield path
-    if old is None:
-        os.environ.pop("BOOST_LIGHTNING_CACHE")
-    else:
-        os.environ["BOOST_LIGHTNING_CACHE"] = old
-
-
 def scalars(log_dir: Path) -> set[str]:
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
@@ -39,7 +25,7 @@ def scalars(log_dir: Path) -> set[str]:
     return tags
 
 
-def test_fit_validate_predict_end_to_end(tmp_path, embedded_cache):
+def test_fit_validate_predict_end_to_end(tmp_path, isolated_cache):
     logs = tmp_path / "logs"
     common = ["--config", str(ROOT / "configs/quickstart.yaml"), "--trainer.logger.init_args.save_dir", str(logs),
               "--trainer.default_root_dir", str(tmp_path)]

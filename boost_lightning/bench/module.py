@@ -33,7 +33,8 @@ def _rss_kib(field: str) -> int:
     return 0
 
 
-def _model_config(args) -> dict:
+def tiny_config(args) -> dict:
+    """The random Llama of the benches (``--vocab-size``, ``--hidden-size``, ``--layers``, ``--seq-len``)."""
     return {
         "model_type": "llama", "vocab_size": args.vocab_size, "hidden_size": args.hidden_size,
         "intermediate_size": 4 * args.hidden_size, "num_hidden_layers": args.layers, "num_attention_heads": 4,
@@ -52,7 +53,7 @@ def run_one(method: str, args) -> dict:
 
     torch.manual_seed(0)
     attn = "eager" if METHODS[method].get("hypergradient") == "exact" else "sdpa"
-    policy = PolicyModel(config=_model_config(args), r=8, lora_alpha=16, attn_implementation=attn,
+    policy = PolicyModel(config=tiny_config(args), r=8, lora_alpha=16, attn_implementation=attn,
                          dtype="bfloat16" if args.bf16 else "float32")
     module = BoostModule(policy, WeightHead(), policy_optimizer=lambda p: torch.optim.AdamW(p, lr=1e-4),
                          **METHODS[method])

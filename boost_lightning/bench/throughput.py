@@ -19,7 +19,7 @@ import argparse
 import json
 import sys
 
-from boost_lightning.bench.module import measure_steps, print_table, run_methods, without_option
+from boost_lightning.bench.module import measure_steps, print_table, run_methods, tiny_config, without_option
 
 METHODS = {
     "sft": {"weighting": "uniform"},
@@ -50,16 +50,6 @@ def run_one(method: str, args) -> dict:
     outer = random_batch(policy.vocab_size, args.batch_size, args.seq_len, seed=1)
     result = measure_steps(module, inner, outer, args.steps, args.warmup, cuda, args.precision)
     return {"method": method, **result}
-
-
-def tiny_config(args) -> dict:
-    """The random Llama of ``--model tiny``."""
-    return {
-        "model_type": "llama", "vocab_size": args.vocab_size, "hidden_size": args.hidden_size,
-        "intermediate_size": 4 * args.hidden_size, "num_hidden_layers": args.layers, "num_attention_heads": 4,
-        "num_key_value_heads": 4, "max_position_embeddings": max(512, args.seq_len), "pad_token_id": 0,
-        "tie_word_embeddings": False,
-    }
 
 
 def _device(args) -> str:

@@ -24,26 +24,14 @@ ALIAS = "smollm2-135m-instruct"
 
 
 @pytest.fixture(scope="module")
-def cache(tmp_path_factory):
-    root = tmp_path_factory.mktemp("cache")
-    old = os.environ.get("BOOST_LIGHTNING_CACHE")
-    os.environ["BOOST_LIGHTNING_CACHE"] = str(root)
-    yield root
-    if old is None:
-        os.environ.pop("BOOST_LIGHTNING_CACHE")
-    else:
-        os.environ["BOOST_LIGHTNING_CACHE"] = old
-
-
-@pytest.fixture(scope="module")
-def converted(cache):
+def converted(isolated_cache):
     from boost_lightning.models.pretrained import resolve_model_path
 
     path = resolve_model_path(ALIAS)
     return path
 
 
-def test_conversion_is_a_cached_safetensors_directory_written_once(cache, converted):
+def test_conversion_is_a_cached_safetensors_directory_written_once(isolated_cache, converted):
     from boost_lightning.models.pretrained import SMOLLM2_DIMS, model_dims, resolve_model_path
 
     files = sorted(os.listdir(converted))
@@ -56,7 +44,8 @@ def test_conversion_is_a_cached_safetensors_directory_written_once(cache, conver
     stamp = os.stat(os.path.join(converted, "model.safetensors")).st_mtime_ns
     assert resolve_model_path(ALIAS) == converted  # second use: no conversion
     assert os.stat(os.path.join(converted, "model.safetensors")).st_mtime_ns == stamp
-    assert [p.name for p in (cache / "models").iterdir()] == ["smollm2-135m-instruct"]  # no temporary leftovers
+    # No temporary leftovers next to the converted directory.
+    assert [p.name for p in (isolated_cache / "models").iterdir()] == ["smollm2-135m-instruct"]
 
 
 def test_answers_a_fixed_prompt_sensibly(converted):
