@@ -82,6 +82,10 @@ class BoostModule(LightningModule):
         lookahead_lr: α of the one-step lookahead θ' = θ − α∇L_in. Defaults to the policy optimizer's lr.
         fd_eps: Norm of the finite-difference probe step along v = ∇L_val.
         fd_central: Central differences (one more forward of the inner batch per outer step).
+        hypergradient_preconditioner: ``adam`` (default): precondition v = ∇L_val with the policy optimizer's
+            second moments, 1/(√v̂ + eps), as an Adam/AdamW step does, so that gradient alignment is measured in the
+            geometry the policy actually moves in (first-order only; P = I while the optimizer keeps no second
+            moments, e.g. SGD or before its first step). ``none``: the lookahead is a plain SGD step (DESIGN.md).
         normalize_hypergradient: Divide the per-row hypergradient by its root mean square over the batch before
             the head's backward (surrogate (1/B)·Σ gᵢwᵢ/rms(g)). Its raw scale follows the policy's lr and loss
             scale (often ~1e-4), so without this the head regulariser's strength has no fixed meaning; with it,
@@ -116,6 +120,7 @@ class BoostModule(LightningModule):
         lookahead_lr: float | None = None,
         fd_eps: float = 1e-2,
         fd_central: bool = False,
+        hypergradient_preconditioner: str = "adam",
         normalize_hypergradient: bool = True,
         outer_every_n_steps: int = 1,
         head_warmup_steps: int = 0,
@@ -134,6 +139,9 @@ class BoostModule(LightningModule):
             raise ValueError(f"objective must be one of {list(OBJECTIVES)}, got {objective!r}")
         if hypergradient not in ("first_order", "exact"):
             raise ValueError(f"hypergradient must be 'first_order' or 'exact', got {hypergradient!r}")
+        if hypergradient_preconditioner not in ("none", "adam"):
+            raise ValueError(f"hypergradient_preconditioner must be 'none' or 'adam', "
+                             f"got {hypergradient_preconditioner!r}")
         for name, value in (("outer_every_n_steps", outer_every_n_steps),
                             ("inner_accumulate_grad_batches", inner_accumulate_grad_batches),
                             ("outer_accumulate_grad_batches", outer_accumulate_grad_batches),
@@ -403,7 +411,24 @@ class BoostModule(LightningModule):
         base = self._objective(out.loss.detach(), inner["reward"])
         return first_order_hypergradient(params, inner_fn, val_fn, lr, base_losses=None if self.hparams.fd_central
                                          else base, eps=self.hparams.fd_eps, central=self.hparams.fd_central,
-                                         batch_size=num_inner, all_reduce=all_reduce)
+                                         batch_size=num_inner, all_reduce=all_reduce,
+                                         precondition=self._adam_preconditioner(list(params.values())))
+
+    def _adam_preconditioner(self, params: list[Tensor]):
+        """v ↦ v / (√v̂ + eps) from the policy optimizer's state; None for ``none`` or before its first step."""
+        if self.hparams.hypergradient_preconditioner != "adam":
+            return None
+        optimizer = self.optimizers()[0].optimizer
+        states = [optimizer.state.get(p, {}) for p in params]
+        if not all("exp_avg_sq" in st for st in states):
+            return None  # no second moments yet: the first Adam step is sign-like, P = I is the honest default
+        group = optimizer.param_groups[0]
+        beta2, eps = group.get("betas", (0.9, 0.999))[1], group.get("eps", 1e-8)
+        scales = []
+        for st in states:
+            step = float(st["step"])
+            scales.append(1.0 / ((st["exp_avg_sq"] / (1 - beta2**step)).sqrt() + eps))
+        return lambda v: [g * scale.to(g.dtype) for g, scale in zip(v, scales)]
 
     def _outer_update(self, head_opt, inner, out: TrajectoryOutput, hypergrad: Hypergradient) -> None:
         accumulate = self.hparams.outer_accumulate_grad_batches

@@ -64,8 +64,9 @@ def first_order_hypergradient(
     central: bool = False,
     batch_size: int | None = None,
     all_reduce: Reduce | None = None,
+    precondition: Callable[[list[Tensor]], list[Tensor]] | None = None,
 ) -> Hypergradient:
-    """Finite-difference hypergradient ∂L_val/∂w ≈ −α/B · [ℓ(θ + εv) − ℓ(θ)] / ε, v = ∇L_val(θ).
+    """Finite-difference hypergradient ∂L_val/∂w ≈ −α/B · [ℓ(θ + εPv) − ℓ(θ)] / ε, v = ∇L_val(θ).
 
     Args:
         params: The live trainable parameters θ (e.g. the LoRA tensors). They are read, never modified.
@@ -78,6 +79,9 @@ def first_order_hypergradient(
         batch_size: B of the lookahead step: the global batch under data parallelism (default: this call's rows).
         all_reduce: Sum over data-parallel replicas; ``val_loss`` then returns this replica's term of the global
             validation loss (module docstring). None: a single process.
+        precondition: The inner optimizer's diagonal preconditioner P, as a map of the per-tensor v list. An
+            adaptive inner step θ' = θ − αP·Σwᵢ∇ℓᵢ/B gives ∂L_val/∂wᵢ = −α/B·⟨Pv, ∇ℓᵢ⟩ (P symmetric), so the probe
+            goes along Pv. None: P = I (the SGD lookahead). ``directional`` is then ⟨Pv, ∇ℓᵢ⟩.
     """
     names = list(params)
     live = [params[n] for n in names]
@@ -89,7 +93,9 @@ def first_order_hypergradient(
         # collective (one all-reduce of |θ| + 1 floats per outer step).
         val, v = _reduce_flat(all_reduce, val.detach(), v)
     v_norm = torch.sqrt(sum((_up(g) ** 2).sum() for g in v))
-    step = eps / v_norm.clamp(min=1e-12)
+    if precondition is not None:
+        v = list(precondition(v))
+    step = eps / torch.sqrt(sum((_up(g) ** 2).sum() for g in v)).clamp(min=1e-12)
 
     with torch.no_grad():
         def shifted(sign: float) -> dict[str, Tensor]:

@@ -107,3 +107,18 @@ def test_exact_mode_gives_clear_error_when_attention_cannot_double_backward(tiny
 
     with pytest.raises(RuntimeError, match="attn_implementation='eager'"):
         exact_hypergradient(params, inner, lambda p: policy.functional_losses(batch, p).mean(), torch.ones(2), 0.1)
+
+
+def test_first_order_with_a_diagonal_preconditioner_matches_closed_form():
+    # Adaptive lookahead θ' = θ − αP·Σwᵢ∇ℓᵢ/B: ∂L_val/∂wᵢ = −α/B·⟨P(θ − c), θ − aᵢ⟩ (central differences are exact).
+    params, inner, val, a, c = quadratic_problem(seed=4)
+    theta = params["theta"].detach()
+    p = torch.tensor([0.5, 2.0, 1.0, 4.0, 0.25], dtype=torch.float64)
+    lr, batch = 0.1, a.shape[0]
+    expected = -(lr / batch) * ((theta - a) @ (p * (theta - c)))
+    got = first_order_hypergradient(params, inner, val, lr, eps=1e-4, central=True,
+                                    precondition=lambda v: [p * v[0]])
+    torch.testing.assert_close(got.grad_weights, expected, rtol=0, atol=1e-9)
+    torch.testing.assert_close(got.v_norm, (theta - c).norm())  # ‖v‖ is still the raw validation gradient's
+    plain = first_order_hypergradient(params, inner, val, lr, eps=1e-4, central=True, precondition=lambda v: v)
+    torch.testing.assert_close(plain.grad_weights, -(lr / batch) * ((theta - a) @ (theta - c)), rtol=0, atol=1e-9)
