@@ -38,13 +38,17 @@ def rank() -> int:
     return dist.get_rank() if is_distributed() else 0
 
 
-def all_reduce_sum(x: Tensor) -> Tensor:
-    """Σ over ranks of ``x`` (a new tensor; ``x`` is untouched). Not differentiable."""
+def _all_reduce(x: Tensor, op) -> Tensor:
     if not is_distributed():
         return x
     out = x.detach().clone()
-    dist.all_reduce(out, op=dist.ReduceOp.SUM)
+    dist.all_reduce(out, op=op)
     return out
+
+
+def all_reduce_sum(x: Tensor) -> Tensor:
+    """Σ over ranks of ``x`` (a new tensor; ``x`` is untouched). Not differentiable."""
+    return _all_reduce(x, dist.ReduceOp.SUM)
 
 
 def all_reduce_mean(x: Tensor) -> Tensor:
@@ -56,11 +60,7 @@ def all_reduce_mean(x: Tensor) -> Tensor:
 
 def all_reduce_min(x: Tensor) -> Tensor:
     """Minimum over ranks of ``x`` (e.g. of a 0/1 "all finite" flag). Not differentiable."""
-    if not is_distributed():
-        return x
-    out = x.detach().clone()
-    dist.all_reduce(out, op=dist.ReduceOp.MIN)
-    return out
+    return _all_reduce(x, dist.ReduceOp.MIN)
 
 
 def all_gather_rows(x: Tensor) -> tuple[Tensor, slice]:
