@@ -223,9 +223,11 @@ class BoostModule(LightningModule):
             return self._skip("grad", policy_opt, head_opt)
 
         # ---- outer level: hypergradient → head step ---------------------------------------------------------
+        local_hypergrad = None  # ∂L_val/∂wᵢ of this rank's rows, returned for diagnostics
         if outer_due and self.hparams.weighting == "learned":
             if hypergrad is None:
-                hypergrad = self._hypergradient(inner, outer, out, weights)
+                hypergrad, rows = self._hypergradient(inner, outer, out, weights)
+                local_hypergrad = hypergrad.grad_weights[rows]
             if not hypergrad.is_finite():
                 return self._skip("hypergrad", policy_opt, head_opt)
             head_faults = self.faults["hypergrad"]
@@ -246,7 +248,8 @@ class BoostModule(LightningModule):
 
         self._log_inner(inner, out, weights, inner_loss, hypergrad)
         return {"weights": weights.detach(), "is_synthetic": inner["is_synthetic"].detach(),
-                "directional": directional.detach() if directional is not None else None}
+                "directional": directional.detach() if directional is not None else None,
+                "hypergradient": local_hypergrad.detach() if local_hypergrad is not None else None}
 
     def _outer_due(self) -> bool:
         if not self.uses_hypergradient:
@@ -390,9 +393,10 @@ class BoostModule(LightningModule):
         with wrapper.no_sync() if isinstance(wrapper, DistributedDataParallel) else contextlib.nullcontext():
             self.manual_backward(loss)
 
-    def _hypergradient(self, inner, outer, out: TrajectoryOutput, weights: Tensor) -> Hypergradient:
-        """The hypergradient of the global inner batch ([N] fields, gathered under DDP), identical on every rank."""
-        return _gather_hypergradient(self._local_hypergradient(inner, outer, out, weights))[0]
+    def _hypergradient(self, inner, outer, out: TrajectoryOutput, weights: Tensor) -> tuple[Hypergradient, slice]:
+        """The hypergradient of the global inner batch ([N] fields, gathered under DDP, identical on every rank) and
+        this rank's rows in it."""
+        return _gather_hypergradient(self._local_hypergradient(inner, outer, out, weights))
 
     def _local_hypergradient(self, inner, outer, out: TrajectoryOutput, weights: Tensor) -> Hypergradient:
         """∂L_val/∂wᵢ for this rank's rows, with v = ∇ of the global validation loss and the global batch size."""

@@ -72,7 +72,8 @@ def weight_analysis(weights: dict[str, Any]) -> dict[str, float]:
     """What the learned weights say about the ground truth (a run's ``weights`` record, see ``score_pool``).
 
     Returns:
-        ``spearman_quality`` (ρ of weight and ``meta.quality`` over synthetic rows), mean weights of on-distribution
+        ``spearman_quality`` (ρ of weight and ``meta.quality`` over synthetic rows), ``spearman_on_distribution``
+        (the same over on-distribution synthetic rows only), mean weights of on-distribution
         synthetic rows (neither shifted nor hallucinated), shifted and hallucinated rows and their ratios to the
         on-distribution mean, the real rows' mean weight, and the weight mass on real vs synthetic rows next to
         their share of rows. Weights are relative to the pool mean (= 1).
@@ -89,8 +90,10 @@ def weight_analysis(weights: dict[str, Any]) -> dict[str, float]:
 
     on, sh, ha = mean(on_dist), mean(shifted), mean(halluc)
     total = float(w.sum() + real.sum())
+    quality = np.asarray(syn["quality"], dtype=float)
     return {
-        "spearman_quality": spearman(w.tolist(), syn["quality"]),
+        "spearman_quality": spearman(w.tolist(), quality.tolist()),
+        "spearman_on_distribution": spearman(w[on_dist].tolist(), quality[on_dist].tolist()),
         "weight_on_distribution": on,
         "weight_shifted": sh,
         "weight_hallucinated": ha,
@@ -116,8 +119,8 @@ def generator_means(weights: dict[str, Any]) -> dict[str, float]:
 
 CSV_FIELDS = ("run_id", "task", "method", "seed", "shifted_fraction", "num_synthetic", "regularizer_strength", "axes",
               "success_rate", "mean_return", "mean_turns", "val_loss", "inner_steps", "outer_steps", "ess_fraction",
-              "pool_ess_fraction", "spearman_quality", "shifted_ratio", "hallucinated_ratio", "mass_real",
-              "train_seconds", "eval_seconds", "model", "preset")
+              "pool_ess_fraction", "spearman_quality", "spearman_on_distribution", "shifted_ratio",
+              "hallucinated_ratio", "mass_real", "train_seconds", "eval_seconds", "model", "preset")
 
 
 def flatten(result: dict[str, Any]) -> dict[str, Any]:
@@ -130,7 +133,8 @@ def flatten(result: dict[str, Any]) -> dict[str, Any]:
     row.update({k: metrics.get(k) for k in CSV_FIELDS if k in metrics})
     if "weights" in result:
         analysis = weight_analysis(result["weights"])
-        row.update({k: analysis[k] for k in ("spearman_quality", "shifted_ratio", "hallucinated_ratio", "mass_real")})
+        row.update({k: analysis[k] for k in ("spearman_quality", "spearman_on_distribution", "shifted_ratio",
+                                             "hallucinated_ratio", "mass_real")})
     row.update(result.get("tradeoff", {}))
     return row
 
@@ -175,7 +179,8 @@ def summarize(results: Sequence[dict[str, Any]]) -> dict[str, Any]:
 
     Returns:
         ``{"tasks", "methods", "success": {(method, task): [rates]}, "analysis": {task: [weight_analysis]},
-        "generators": {task: [generator_means]}, "checks": {...}}`` for the main comparison.
+        "generators": {task: [generator_means]}, "alignment": {task: [per-generator alignment]}, ...}`` for the
+        main comparison.
     """
     from boost_lightning.baselines.weighting import WEIGHTINGS
     from boost_lightning.envs.base import TASKS
@@ -187,6 +192,7 @@ def summarize(results: Sequence[dict[str, Any]]) -> dict[str, Any]:
     seconds: dict[str, list[float]] = defaultdict(list)
     analysis: dict[str, list[dict[str, float]]] = defaultdict(list)
     generators: dict[str, list[dict[str, float]]] = defaultdict(list)
+    alignment: dict[str, list[dict[str, float]]] = defaultdict(list)
     for r in main:
         key = (r["spec"]["method"], r["spec"]["task"])
         success[key].append(r["metrics"]["success_rate"])
@@ -194,6 +200,8 @@ def summarize(results: Sequence[dict[str, Any]]) -> dict[str, Any]:
         if "weights" in r:
             analysis[r["spec"]["task"]].append(weight_analysis(r["weights"]))
             generators[r["spec"]["task"]].append(generator_means(r["weights"]))
+        if r.get("alignment"):
+            alignment[r["spec"]["task"]].append(r["alignment"])
     wins = []
     if "learned" in methods:
         for task in tasks:
@@ -204,7 +212,7 @@ def summarize(results: Sequence[dict[str, Any]]) -> dict[str, Any]:
                 wins.append(task)
     unsolved = [t for t in tasks if not any(np.mean(success[(m, t)]) > 0 for m in methods if (m, t) in success)]
     return {"tasks": tasks, "methods": methods, "success": success, "seconds": seconds, "analysis": analysis,
-            "generators": generators, "boost_best_on": wins, "unsolved": unsolved}
+            "generators": generators, "alignment": alignment, "boost_best_on": wins, "unsolved": unsolved}
 
 
 def _mean_of(dicts: Sequence[dict[str, float]], key: str) -> float:
@@ -268,14 +276,15 @@ def _weight_section(s: dict[str, Any]) -> list[str]:
              "ground truth (`meta`) is never shown to the head. ρ: Spearman correlation of weight and "
              "`meta.quality` over synthetic rows. On-distribution: synthetic rows that are neither task-shifted "
              "nor hallucinated. Mean over seeds.", "",
-             "| task | ρ(weight, quality) | on-distribution | shifted (× on-dist) | hallucinated (× on-dist) | "
-             "real rows | weight mass real (row share) | pool ESS / N |",
-             "|---|---|---|---|---|---|---|---|"]
+             "| task | ρ(weight, quality) | ρ on-dist only | on-distribution | shifted (× on-dist) | "
+             "hallucinated (× on-dist) | real rows | weight mass real (row share) | pool ESS / N |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for task in [t for t in s["tasks"] if t in s["analysis"]]:
         analyses = s["analysis"][task]
         a = {k: _mean_of(analyses, k) for k in analyses[0]}
         lines.append(
-            f"| {task} | {_f(a['spearman_quality'])} | {_f(a['weight_on_distribution'])} | "
+            f"| {task} | {_f(a['spearman_quality'])} | {_f(a.get('spearman_on_distribution', math.nan))} | "
+            f"{_f(a['weight_on_distribution'])} | "
             f"{_f(a['weight_shifted'])} ({_f(a['shifted_ratio'])}×) | {_f(a['weight_hallucinated'])} "
             f"({_f(a['hallucinated_ratio'])}×) | {_f(a['weight_real'])} | {a['mass_real']:.1%} "
             f"({a['share_real']:.1%}) | {_f(a['pool_ess_fraction'])} |")
@@ -285,6 +294,16 @@ def _weight_section(s: dict[str, Any]) -> list[str]:
         keys = list(dict.fromkeys(k for g in gens for k in g))
         lines.append(f"- {task}: " + ", ".join(f"{k} {_mean_of(gens, k):.2f}" for k in keys))
     lines.append("")
+    if s["alignment"]:
+        lines += ["What the validation loss asked for: mean alignment −gᵢ / rms(g) of the rows of each generator over "
+                  "every outer step (gᵢ = ∂L_val/∂wᵢ, scaled per batch as the head sees it). Positive: a larger "
+                  "weight lowers the held-out real validation loss. The head can only learn what this signal says.",
+                  ""]
+        for task in [t for t in s["tasks"] if t in s["alignment"]]:
+            runs = s["alignment"][task]
+            keys = list(dict.fromkeys(k for a in runs for k in a))
+            lines.append(f"- {task}: " + ", ".join(f"{k} {_mean_of(runs, k):+.2f}" for k in keys))
+        lines.append("")
     return lines
 
 
@@ -355,7 +374,8 @@ def console_table(results: Sequence[dict[str, Any]]) -> str:
     for task in [t for t in tasks if t in s["analysis"]]:
         analyses = s["analysis"][task]
         a = {k: _mean_of(analyses, k) for k in analyses[0]}
-        out.append(f"learned weights on {task}: rho(weight, quality) {_f(a['spearman_quality'])}, shifted "
+        out.append(f"learned weights on {task}: rho(weight, quality) {_f(a['spearman_quality'])} "
+                   f"({_f(a.get('spearman_on_distribution', math.nan))} on-distribution only), shifted "
                    f"{_f(a['shifted_ratio'])}x and hallucinated {_f(a['hallucinated_ratio'])}x the on-distribution "
                    f"mean, real rows {_f(a['weight_real'])}, weight mass on real {a['mass_real']:.1%} "
                    f"(row share {a['share_real']:.1%})")

@@ -370,6 +370,7 @@ def run_one(spec: RunSpec, preset: Preset, ctx: RunContext) -> dict[str, Any]:
     }
     if spec.method == "learned":
         result["weights"] = score_pool(module, dm, device, preset.validation_batch_size)
+        result["alignment"] = recorder.alignment
         metrics["pool_ess_fraction"] = result["weights"]["pool_ess_fraction"]
     return result
 
@@ -386,10 +387,23 @@ def _make_recorder_class():
             self.ess_fraction: list[float] = []
             self.tradeoff: list[dict[str, float]] = []
             self._window: list[float] = []
+            self._alignment: dict[str, list[float]] = {}
+
+        @property
+        def alignment(self) -> dict[str, float]:
+            """Mean alignment −gᵢ/rms(g) per generator (real rows: ``real``) over every outer step of the run."""
+            return {k: sum(v) / len(v) for k, v in sorted(self._alignment.items())}
 
         def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
             if not isinstance(outputs, dict) or "weights" not in outputs:
                 return
+            g = outputs.get("hypergradient")
+            if g is not None:
+                # Scale-free per batch, as the head sees it: > 0 means a larger weight lowers the validation loss.
+                a = (-g.float() / g.float().pow(2).mean().sqrt().clamp(min=1e-30)).tolist()
+                for value, meta, synthetic in zip(a, batch["inner"]["meta"], outputs["is_synthetic"].tolist()):
+                    key = str((meta or {}).get("generator", "?")) if synthetic else "real"
+                    self._alignment.setdefault(key, []).append(value)
             w = outputs["weights"].float()
             self._window.append(float(w.sum() ** 2 / w.pow(2).sum().clamp(min=1e-12)) / w.shape[0])
             if len(self._window) >= self.every_n_steps:

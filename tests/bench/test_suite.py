@@ -4,6 +4,7 @@ plots, resume)."""
 from __future__ import annotations
 
 import csv
+import json
 import math
 import re
 
@@ -76,6 +77,9 @@ def test_weight_analysis_on_hand_values():
     assert a["share_real"] == pytest.approx(2 / 7)
     assert a["spearman_quality"] == pytest.approx(spearman([1.5, 1.0, 0.5, 0.25, 0.25], [1.0, 0.5, 0.2, 0.0, 0.0]))
     assert a["spearman_quality"] == pytest.approx(1.0)
+    assert a["spearman_on_distribution"] == pytest.approx(1.0)  # the three on-distribution rows alone
+    weights["synthetic"]["weight"] = [0.5, 1.0, 1.5, 3.0, 3.0]
+    assert weight_analysis(weights)["spearman_on_distribution"] == pytest.approx(-1.0)
 
 
 def test_plan_covers_the_grid_and_merges_ablation_points():
@@ -130,7 +134,12 @@ def test_micro_suite_end_to_end_and_resume(tmp_path, capsys):
     table_rows = [line for line in md.splitlines() if line.startswith("| `uniform` |")]
     assert re.match(r"\| `uniform` \| \**\d+\.\d ± \d+\.\d\** \|", table_rows[0])
     assert "ρ(weight, quality)" in md and "shifted (× on-dist)" in md and "weight mass real" in md
-    assert re.search(r"\| maze \| -?\d\.\d\d \| \d\.\d\d \|", md)
+    assert re.search(r"\| maze \| -?\d\.\d\d \| (-?\d\.\d\d|–) \| \d\.\d\d \|", md)
+    assert "What the validation loss asked for" in md
+    record = json.loads(next(p for p in runs if "-learned-" in p.name).read_text())
+    # One alignment per generator seen in the 3 outer steps' batches (48 rows), every one a finite number.
+    assert record["alignment"] and all(math.isfinite(v) for v in record["alignment"].values())
+    assert set(record["alignment"]) <= set(record["weights"]["synthetic"]["generator"]) | {"real"}
     assert "3 inner (policy) steps" in md
 
     for name in ("success.png", "weight_vs_quality.png", "weight_per_generator.png", "ess.png"):
