@@ -426,12 +426,13 @@ class BoostModule(LightningModule):
         states = [optimizer.state.get(p, {}) for p in params]
         if not all("exp_avg_sq" in st for st in states):
             return None  # no second moments yet: the first Adam step is sign-like, P = I is the honest default
-        group = optimizer.param_groups[0]
-        beta2, eps = group.get("betas", (0.9, 0.999))[1], group.get("eps", 1e-8)
+        # Each parameter is scaled with the betas/eps of its own group (a user optimizer may have several).
+        group_of = {id(q): group for group in optimizer.param_groups for q in group["params"]}
         scales = []
-        for st in states:
-            step = float(st["step"])
-            scales.append(1.0 / ((st["exp_avg_sq"] / (1 - beta2**step)).sqrt() + eps))
+        for p, st in zip(params, states):
+            group = group_of[id(p)]
+            beta2, eps = group.get("betas", (0.9, 0.999))[1], group.get("eps", 1e-8)
+            scales.append(1.0 / ((st["exp_avg_sq"] / (1 - beta2 ** float(st["step"]))).sqrt() + eps))
         return lambda v: [g * scale.to(g.dtype) for g, scale in zip(v, scales)]
 
     def _outer_update(self, head_opt, inner, out: TrajectoryOutput, hypergrad: Hypergradient) -> None:

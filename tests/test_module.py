@@ -219,3 +219,22 @@ def test_adam_preconditioned_hypergradient_uses_the_policy_optimizers_second_mom
     assert not torch.allclose(runs["none"], runs["adam"])
     with pytest.raises(ValueError, match="hypergradient_preconditioner"):
         make_module(tiny_llama_config, hypergradient_preconditioner="rmsprop")
+
+
+def test_adam_preconditioner_reads_each_parameter_groups_own_betas_and_eps(tiny_llama_config):
+    def two_groups(params):
+        params = list(params)
+        return torch.optim.AdamW([{"params": params[:2], "eps": 0.5, "betas": (0.9, 0.9)},
+                                  {"params": params[2:], "eps": 1e-8}], lr=1e-2)
+
+    module = make_module(tiny_llama_config, policy_optimizer=two_groups)
+    fit(module, loader(module.policy.vocab_size, steps=2))
+    params = list(module.policy.trainable_named_parameters().values())
+    optimizer = module.optimizers()[0].optimizer
+    v = [torch.ones_like(p) for p in params]
+    got = module._adam_preconditioner(params)(v)
+    for i, (p, g) in enumerate(zip(params, got)):
+        st = optimizer.state[p]
+        beta2, eps = (0.9, 0.5) if i < 2 else (0.999, 1e-8)
+        expected = 1.0 / ((st["exp_avg_sq"] / (1 - beta2 ** float(st["step"]))).sqrt() + eps)
+        torch.testing.assert_close(g, expected)
