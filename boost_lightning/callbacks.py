@@ -162,7 +162,8 @@ class TrajectoryWeightWriter(BasePredictionWriter):
         rows = sorted({r["row_id"]: r for part in gathered for r in part}.values(), key=lambda r: r["row_id"])
         if not rows:
             return
-        weights = pl_module.head.normalize(torch.tensor([r["score"] for r in rows]))
+        weights = pl_module.head.normalize(torch.tensor([r["score"] for r in rows]),
+                                           torch.tensor([r["source"] == "synthetic" for r in rows]))
         path.parent.mkdir(parents=True, exist_ok=True)
         with path.open("w") as f:
             for row, w in zip(rows, weights.tolist()):

@@ -279,14 +279,14 @@ class BoostModule(LightningModule):
         name = self.hparams.weighting
         nan = torch.full_like(out.loss, float("nan")).detach()
         if name == "learned":
-            scalars, pooled, rows = self._global_features(out, inner)
+            scalars, pooled, synthetic, rows = self._global_features(out, inner)
             if not (torch.isfinite(scalars).all() and (pooled is None or torch.isfinite(pooled).all())):
                 # A non-finite feature (e.g. a NaN reward) must not reach the head's running statistics. The check
                 # runs on gathered tensors, so every rank skips the step together.
                 return out, nan, None, None
             self.head.observe(scalars)
             with torch.no_grad():
-                weights = self.head(scalars, pooled)
+                weights = self.head(scalars, pooled, synthetic)
         elif name == "l2rw":
             local = self._local_hypergradient(inner, outer, out, torch.ones_like(out.loss))
             hypergrad, rows = _gather_hypergradient(local)
@@ -306,16 +306,18 @@ class BoostModule(LightningModule):
             return out, nan, directional, hypergrad
         return out, weights[rows].detach(), directional, hypergrad
 
-    def _global_features(self, out: TrajectoryOutput, inner) -> tuple[Tensor, Tensor | None, slice]:
-        """Head inputs of the global batch (scalars [N, k], pooled [N, H] or None) and this rank's rows in them."""
+    def _global_features(self, out: TrajectoryOutput, inner) -> tuple[Tensor, Tensor | None, Tensor, slice]:
+        """Head inputs of the global batch (scalars [N, k], pooled [N, H] or None, is_synthetic [N]) and this
+        rank's rows in them."""
         scalars = scalar_features(out, inner, self.head.scalar_names)
         k = scalars.shape[1]
-        if not self.head.uses_hidden:
-            table, rows = dp.all_gather_rows(scalars)
-            return table, None, rows
-        # One collective for both: B·(k + H) floats per call, small next to the policy's forward.
-        table, rows = dp.all_gather_rows(torch.cat([scalars, out.pooled.float()], dim=1))
-        return table[:, :k], table[:, k:], rows
+        # One collective for all: B·(k + 1 + H) floats per call, small next to the policy's forward.
+        columns = [scalars, inner["is_synthetic"].float().unsqueeze(1)]
+        if self.head.uses_hidden:
+            columns.append(out.pooled.float())
+        table, rows = dp.all_gather_rows(torch.cat(columns, dim=1))
+        pooled = table[:, k + 1:] if self.head.uses_hidden else None
+        return table[:, :k], pooled, table[:, k], rows
 
     def _objective(self, losses: Tensor, reward: Tensor) -> Tensor:
         hp = self.hparams
@@ -442,8 +444,8 @@ class BoostModule(LightningModule):
         self._outer_evals += 1
         # The head runs on the global batch on every rank (gathered features, global g from _hypergradient): the
         # normalisation and the ESS/entropy regulariser are functions of all N weights, and the head is tiny.
-        scalars, pooled, _ = self._global_features(out, inner)
-        weights = self.head(scalars, pooled)
+        scalars, pooled, synthetic, _ = self._global_features(out, inner)
+        weights = self.head(scalars, pooled, synthetic)
         # ∂/∂φ Σ gᵢ·wᵢ(φ) = Σ gᵢ ∂wᵢ/∂φ: the chain rule through the head, with g the hypergradient.
         g = hypergrad.grad_weights.to(weights.dtype)
         if self.hparams.normalize_hypergradient:

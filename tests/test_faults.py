@@ -106,8 +106,8 @@ def nan_hypergradient(module):
     real = module._hypergradient
 
     def broken(*args, **kwargs):
-        hg = real(*args, **kwargs)
-        return Hypergradient(hg.grad_weights * float("nan"), hg.val_loss, hg.v_norm, hg.directional)
+        hg, rows = real(*args, **kwargs)
+        return Hypergradient(hg.grad_weights * float("nan"), hg.val_loss, hg.v_norm, hg.directional), rows
 
     module._hypergradient = broken
 

@@ -58,6 +58,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="Lightning accelerator: auto (a GPU when there is one), cpu, gpu")
     parser.add_argument("--precision", default="32-true",
                         help="Lightning precision, e.g. 32-true (default) or bf16-mixed on GPUs")
+    parser.add_argument("--head-reweight", choices=("all", "synthetic"), default="all",
+                        help="which rows the learned head reweights: all (default) or synthetic (real rows keep "
+                             "weight 1, so the mass cannot collapse onto them); use a separate --name per choice")
     parser.add_argument("--force", action="store_true", help="rerun runs that already have a result file")
     parser.add_argument("--report-only", action="store_true",
                         help="run nothing: rewrite results.csv, results.md and the plots from the finished runs")
@@ -85,7 +88,7 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit(str(err)) from None
     out_dir = Path(args.out) / (args.name or preset.name)
     ctx = RunContext(out_dir=out_dir, cache_dir=Path(args.out) / ".cache", model=args.model,
-                     accelerator=args.accelerator, precision=args.precision)
+                     accelerator=args.accelerator, precision=args.precision, head_reweight=args.head_reweight)
     command = "python -m boost_lightning.bench " + shlex.join(argv)
 
     start = time.perf_counter()

@@ -189,6 +189,7 @@ def summarize(results: Sequence[dict[str, Any]]) -> dict[str, Any]:
     tasks = _ordered((r["spec"]["task"] for r in main), TASKS)
     methods = _ordered((r["spec"]["method"] for r in main), WEIGHTINGS)
     success: dict[tuple[str, str], list[float]] = defaultdict(list)
+    val_loss: dict[tuple[str, str], list[float]] = defaultdict(list)
     seconds: dict[str, list[float]] = defaultdict(list)
     analysis: dict[str, list[dict[str, float]]] = defaultdict(list)
     generators: dict[str, list[dict[str, float]]] = defaultdict(list)
@@ -196,6 +197,8 @@ def summarize(results: Sequence[dict[str, Any]]) -> dict[str, Any]:
     for r in main:
         key = (r["spec"]["method"], r["spec"]["task"])
         success[key].append(r["metrics"]["success_rate"])
+        if r["metrics"].get("val_loss") is not None:
+            val_loss[key].append(r["metrics"]["val_loss"])
         seconds[r["spec"]["method"]].append(r["metrics"]["train_seconds"])
         if "weights" in r:
             analysis[r["spec"]["task"]].append(weight_analysis(r["weights"]))
@@ -211,7 +214,8 @@ def summarize(results: Sequence[dict[str, Any]]) -> dict[str, Any]:
             if others and not math.isnan(boost) and boost >= max(others) and max(boost, *others) > 0:
                 wins.append(task)
     unsolved = [t for t in tasks if not any(np.mean(success[(m, t)]) > 0 for m in methods if (m, t) in success)]
-    return {"tasks": tasks, "methods": methods, "success": success, "seconds": seconds, "analysis": analysis,
+    return {"tasks": tasks, "methods": methods, "success": success, "val_loss": val_loss, "seconds": seconds,
+            "analysis": analysis,
             "generators": generators, "alignment": alignment, "boost_best_on": wins, "unsolved": unsolved}
 
 
@@ -230,7 +234,10 @@ def markdown(results: Sequence[dict[str, Any]], command: str | None = None) -> s
     if command:
         lines += [f"Command: `{command}`", ""]
     lines += [
-        f"Preset `{preset['name']}`, model `{results[0].get('model')}`, device `{results[0].get('accelerator')}`. "
+        f"Preset `{preset['name']}`, model `{results[0].get('model')}`, device `{results[0].get('accelerator')}`"
+        + "".join(sorted({f", learned head reweights `{r['head_reweight']}` rows" for r in results
+                          if r.get("head_reweight", "all") != "all"}))
+        + ". "
         f"Same budget for every method: {preset['steps']} inner (policy) steps, batch {preset['batch_size']}, "
         f"policy lr {preset['lr']:g}, {preset['num_real']} real + {preset['num_synthetic']} synthetic trajectories "
         f"({preset['shifted_fraction']:.0%} task-shifted, {preset['hallucinated_fraction']:.0%} hallucinated). "
@@ -262,10 +269,32 @@ def markdown(results: Sequence[dict[str, Any]], command: str | None = None) -> s
                       f"{len(tasks)} tasks" + (f" ({', '.join(s['boost_best_on'])})." if s["boost_best_on"] else ".")
                       + (f" No method solved any instance of {', '.join(s['unsolved'])} (not counted)."
                          if s["unsolved"] else ""), ""]
+    lines += _val_loss_section(s)
     lines += _weight_section(s)
     lines += _tradeoff_section(results)
     lines += _ablation_section(results)
     return "\n".join(lines).rstrip() + "\n"
+
+
+def _val_loss_section(s: dict[str, Any]) -> list[str]:
+    """Held-out real validation loss per method × task: the quantity the outer level of BOOST minimises."""
+    tasks, methods = s["tasks"], s["methods"]
+    if not tasks or not s["val_loss"]:
+        return []
+    lines = ["## Held-out real validation loss", "",
+             "Agent-token NLL of the real validation trajectories after training (lower is better), mean ± 95 % CI "
+             "over seeds: the objective BOOST's outer level minimises.", "",
+             "| method | " + " | ".join(tasks) + " |", "|---|" + "---|" * len(tasks)]
+    best = {t: min((np.mean(s["val_loss"][(m, t)]) for m in methods if (m, t) in s["val_loss"]), default=math.nan)
+            for t in tasks}
+    for m in methods:
+        cells = []
+        for t in tasks:
+            vals = s["val_loss"].get((m, t), [])
+            cell = fmt_ci(*mean_ci(vals), scale=1.0, digits=3)
+            cells.append(f"**{cell}**" if vals and np.mean(vals) == best[t] else cell)
+        lines.append(f"| `{m}` | " + " | ".join(cells) + " |")
+    return lines + [""]
 
 
 def _weight_section(s: dict[str, Any]) -> list[str]:

@@ -195,6 +195,7 @@ class RunContext:
         model: A size of :data:`MODEL_SIZES` or a pretrained model's path / alias.
         accelerator: Lightning accelerator (``cpu``, ``gpu``, ``auto``).
         precision: Lightning precision (``32-true``, ``bf16-mixed``).
+        head_reweight: The ``learned`` head's ``reweight`` (``all`` or ``synthetic``, see ``WeightHead``).
     """
 
     out_dir: Path
@@ -202,6 +203,7 @@ class RunContext:
     model: str = "tiny"
     accelerator: str = "cpu"
     precision: str = "32-true"
+    head_reweight: str = "all"
 
 
 def result_path(ctx: RunContext, spec: RunSpec) -> Path:
@@ -210,7 +212,7 @@ def result_path(ctx: RunContext, spec: RunSpec) -> Path:
 
 
 def is_finished(ctx: RunContext, spec: RunSpec, preset: Preset) -> bool:
-    """A result file exists for ``spec`` and was made with the same preset and model (else it is stale)."""
+    """A result file exists for ``spec`` and was made with the same preset, model and head (else it is stale)."""
     path = result_path(ctx, spec)
     if not path.exists():
         return False
@@ -218,7 +220,9 @@ def is_finished(ctx: RunContext, spec: RunSpec, preset: Preset) -> bool:
         record = json.loads(path.read_text())
     except json.JSONDecodeError:
         return False
-    return record.get("preset") == json.loads(json.dumps(asdict(preset))) and record.get("model") == ctx.model
+    same_head = spec.method != "learned" or record.get("head_reweight", "all") == ctx.head_reweight
+    return (record.get("preset") == json.loads(json.dumps(asdict(preset))) and record.get("model") == ctx.model
+            and same_head)
 
 
 def data_settings(preset: Preset, spec: RunSpec) -> dict[str, Any]:
@@ -327,7 +331,7 @@ def run_one(spec: RunSpec, preset: Preset, ctx: RunContext) -> dict[str, Any]:
                          drop_truncated=True, seed=spec.seed, cache_dir=str(ctx.cache_dir / "datasets"))
     policy = _build_policy(ctx, preset, tokenizer, spec.seed)
     head = WeightHead(regularizer=preset.regularizer if spec.regularizer_strength > 0 else "none",
-                      regularizer_strength=spec.regularizer_strength, seed=spec.seed)
+                      regularizer_strength=spec.regularizer_strength, reweight=ctx.head_reweight, seed=spec.seed)
     lr, head_lr = preset.lr, preset.head_lr
     module = BoostModule(policy, head, policy_optimizer=lambda p: torch.optim.AdamW(p, lr=lr),
                          head_optimizer=lambda p: torch.optim.Adam(p, lr=head_lr), weighting=spec.method,
@@ -371,6 +375,7 @@ def run_one(spec: RunSpec, preset: Preset, ctx: RunContext) -> dict[str, Any]:
     if spec.method == "learned":
         result["weights"] = score_pool(module, dm, device, preset.validation_batch_size)
         result["alignment"] = recorder.alignment
+        result["head_reweight"] = ctx.head_reweight
         metrics["pool_ess_fraction"] = result["weights"]["pool_ess_fraction"]
     return result
 
@@ -469,7 +474,7 @@ def score_pool(module, dm, device, batch_size: int) -> dict[str, Any]:
                 scores.append(module.head.scores(feats, out.pooled).float().cpu())
                 synthetic += [split == "synthetic"] * out.loss.shape[0]
                 metas += batch["meta"]
-        weights = module.head.normalize(torch.cat(scores)).tolist()
+        weights = module.head.normalize(torch.cat(scores), torch.tensor(synthetic)).tolist()
     n = len(weights)
     ess = sum(weights) ** 2 / max(sum(w * w for w in weights), 1e-12) / max(n, 1)
     syn = [(w, m) for w, m, s in zip(weights, metas, synthetic) if s]

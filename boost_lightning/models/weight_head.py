@@ -68,6 +68,11 @@ class WeightHead(nn.Module):
         regularizer: ``none``, ``ess`` (penalise 1 − ESS/B) or ``entropy`` (penalise 1 − H(w/B)/log B): pulls
             the weights toward uniform, trading lower empirical risk for a larger effective sample size.
         regularizer_strength: Coefficient of the regulariser in the outer objective.
+        reweight: ``all``: every row's weight is learned. ``synthetic``: real rows keep weight 1 and only the
+            synthetic rows are reweighted (normalised to mean 1 among themselves). Real rows are always the rows best
+            aligned with a real validation set, so under ``all`` a one-step lookahead tends to pile the mass onto the
+            few real rows (a collapse of the effective sample size towards ``real_only``); ``synthetic`` leaves them
+            at plain SFT's weight and spends the head on ranking the synthetic pool.
         seed: Seed of the head's random initialisation (the same config gives the same head).
     """
 
@@ -83,6 +88,7 @@ class WeightHead(nn.Module):
         clip: float | None = None,
         regularizer: str = "none",
         regularizer_strength: float = 0.0,
+        reweight: str = "all",
         seed: int = 0,
     ) -> None:
         super().__init__()
@@ -90,6 +96,8 @@ class WeightHead(nn.Module):
             raise ValueError(f"normalization must be 'softmax' or 'sigmoid', got {normalization!r}")
         if regularizer not in ("none", "ess", "entropy"):
             raise ValueError(f"regularizer must be 'none', 'ess' or 'entropy', got {regularizer!r}")
+        if reweight not in ("all", "synthetic"):
+            raise ValueError(f"reweight must be 'all' or 'synthetic', got {reweight!r}")
         if num_layers < 1:
             raise ValueError("num_layers must be >= 1")
         if temperature <= 0:
@@ -100,6 +108,7 @@ class WeightHead(nn.Module):
         self.scalar_names = tuple(n for n in SCALAR_FEATURES if n in self.features)
         self.normalization, self.temperature, self.clip = normalization, temperature, clip
         self.regularizer, self.regularizer_strength = regularizer, regularizer_strength
+        self.reweight = reweight
         self.hidden_projection, self.mlp_width, self.num_layers = hidden_projection, mlp_width, num_layers
         self.seed = seed
         self.hidden_size: int | None = None
@@ -153,8 +162,23 @@ class WeightHead(nn.Module):
         """Fold a training batch's raw scalar features into the running feature statistics (once per batch)."""
         self.norm.update(scalars)
 
-    def normalize(self, scores: Tensor) -> Tensor:
-        """Scores [B] → weights [B] with mean 1 (differentiable)."""
+    def normalize(self, scores: Tensor, synthetic: Tensor | None = None) -> Tensor:
+        """Scores [B] → weights [B] with mean 1 (differentiable).
+
+        ``synthetic`` ([B], 1 for synthetic rows) is required when ``reweight="synthetic"``: real rows then get
+        weight 1 and the synthetic rows are normalised among themselves.
+        """
+        if self.reweight == "synthetic":
+            if synthetic is None:
+                raise ValueError("reweight='synthetic' needs the rows' is_synthetic flags")
+            mask = synthetic.bool()
+            if not mask.any():
+                return torch.ones_like(scores)
+            index = mask.nonzero(as_tuple=True)
+            return torch.ones_like(scores).index_put(index, self._normalize(scores[mask]))
+        return self._normalize(scores)
+
+    def _normalize(self, scores: Tensor) -> Tensor:
         batch = scores.shape[0]
         z = scores / self.temperature
         if self.normalization == "softmax":
@@ -167,9 +191,9 @@ class WeightHead(nn.Module):
             weights = weights / weights.mean()
         return weights
 
-    def forward(self, scalars: Tensor, pooled: Tensor | None = None) -> Tensor:
-        """Weights [B] (mean 1) for one batch."""
-        return self.normalize(self.scores(scalars, pooled))
+    def forward(self, scalars: Tensor, pooled: Tensor | None = None, synthetic: Tensor | None = None) -> Tensor:
+        """Weights [B] (mean 1) for one batch; ``synthetic`` as in :meth:`normalize`."""
+        return self.normalize(self.scores(scalars, pooled), synthetic)
 
     def regularization(self, weights: Tensor) -> Tensor:
         """The ESS / entropy penalty of ``weights`` (0 when disabled)."""

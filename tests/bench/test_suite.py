@@ -141,6 +141,7 @@ def test_micro_suite_end_to_end_and_resume(tmp_path, capsys):
     assert record["alignment"] and all(math.isfinite(v) for v in record["alignment"].values())
     assert set(record["alignment"]) <= set(record["weights"]["synthetic"]["generator"]) | {"real"}
     assert "3 inner (policy) steps" in md
+    assert re.search(r"## Held-out real validation loss(.|\n)*\| `uniform` \| \**\d\.\d{3} ± \d\.\d{3}", md)
 
     for name in ("success.png", "weight_vs_quality.png", "weight_per_generator.png", "ess.png"):
         path = suite / name
@@ -178,6 +179,12 @@ def test_results_of_another_budget_are_stale(tmp_path):
     assert is_finished(ctx, spec, preset)
     assert not is_finished(ctx, spec, replace(preset, steps=preset.steps + 1))
     assert not is_finished(RunContext(out_dir=tmp_path, cache_dir=tmp_path, model="small"), spec, preset)
+    # The learned head's reweighting choice is part of a learned run's identity (older records mean "all").
+    learned = RunSpec("maze", "learned", 0, 0.3, 600)
+    result_path(ctx, learned).write_text(json.dumps({"preset": asdict(preset), "model": "tiny"}))
+    assert is_finished(ctx, learned, preset)
+    assert not is_finished(replace(ctx, head_reweight="synthetic"), learned, preset)
+    assert is_finished(replace(ctx, head_reweight="synthetic"), spec, preset)  # baselines have no head
 
 
 def _fake_result(method: str, seed: int, success: float, tradeoff: dict | None = None) -> dict:
@@ -203,3 +210,16 @@ def test_reports_from_records_include_ci_and_tradeoff_metrics(tmp_path):
     with open(tmp_path / "results.csv") as f:
         rows = list(csv.DictReader(f))
     assert [r["tradeoff/ess"] for r in rows] == ["", "", "0.75", "0.25"]
+
+
+def test_head_reweight_synthetic_keeps_every_real_row_at_weight_one(tmp_path):
+    args = ["--quick", "--tasks", "maze", "--methods", "learned", "--seeds", "1", "--steps", "3", "--episodes", "2",
+            "--no-ablation", "--no-progress", "--accelerator", "cpu", "--out", str(tmp_path), "--name", "syn",
+            "--head-reweight", "synthetic"]
+    assert main(args) == 0
+    record = json.loads(next((tmp_path / "syn" / "runs").glob("*.json")).read_text())
+    assert record["head_reweight"] == "synthetic"
+    assert record["weights"]["real_weights"] and set(record["weights"]["real_weights"]) == {1.0}
+    synthetic = np.asarray(record["weights"]["synthetic"]["weight"])
+    assert synthetic.mean() == pytest.approx(1.0, abs=1e-4) and synthetic.std() > 0
+    assert "learned head reweights `synthetic` rows" in (tmp_path / "syn" / "results.md").read_text()

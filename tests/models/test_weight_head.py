@@ -45,6 +45,25 @@ def test_clip_bounds_weights_before_renormalising():
     torch.testing.assert_close(w, clipped / clipped.mean())
 
 
+def test_reweight_synthetic_keeps_real_rows_at_one_and_normalises_the_synthetic_ones_among_themselves():
+    head = WeightHead(hidden_size=16, reweight="synthetic")
+    scores = torch.tensor([5.0, 1.0, 0.0, -1.0, 9.0], requires_grad=True)
+    synthetic = torch.tensor([0, 1, 1, 1, 0])
+    w = head.normalize(scores, synthetic)
+    # Hand values: real rows 1; synthetic rows 3·softmax([1, 0, -1]).
+    e = torch.exp(torch.tensor([1.0, 0.0, -1.0]))
+    torch.testing.assert_close(w.detach(), torch.cat([torch.ones(1), 3 * e / e.sum(), torch.ones(1)]))
+    torch.testing.assert_close(w.mean().detach(), torch.tensor(1.0))
+    # The head's gradient flows through the synthetic rows only.
+    (w * torch.tensor([1.0, 2.0, -1.0, 0.5, 1.0])).sum().backward()
+    assert scores.grad[[0, 4]].abs().sum() == 0 and scores.grad[1:4].abs().sum() > 0
+    assert torch.equal(head.normalize(torch.randn(3), torch.zeros(3)), torch.ones(3))
+    with pytest.raises(ValueError, match="is_synthetic"):
+        head.normalize(torch.randn(3))
+    with pytest.raises(ValueError, match="reweight"):
+        WeightHead(reweight="real")
+
+
 def test_ess_and_entropy_regularisers_vanish_at_uniform_and_grow_with_concentration():
     for reg in ("ess", "entropy"):
         head = WeightHead(hidden_size=16, regularizer=reg, regularizer_strength=2.0)
