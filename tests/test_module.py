@@ -238,3 +238,25 @@ def test_adam_preconditioner_reads_each_parameter_groups_own_betas_and_eps(tiny_
         beta2, eps = (0.9, 0.5) if i < 2 else (0.999, 1e-8)
         expected = 1.0 / ((st["exp_avg_sq"] / (1 - beta2 ** float(st["step"]))).sqrt() + eps)
         torch.testing.assert_close(g, expected)
+
+
+def test_reweight_synthetic_trains_the_head_and_keeps_real_rows_at_weight_one(tiny_llama_config):
+    class Record(Callback):
+        outputs = []
+
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            self.outputs.append((outputs["weights"], outputs["is_synthetic"].bool()))
+
+    policy = PolicyModel(config=tiny_llama_config, r=4, lora_alpha=8, seed=0)
+    module = BoostModule(policy, WeightHead(reweight="synthetic"), head_grad_clip=None,
+                         policy_optimizer=lambda p: torch.optim.SGD(p, lr=0.1),
+                         head_optimizer=lambda p: torch.optim.SGD(p, lr=1.0))
+    before = snapshot(module)
+    fit(module, loader(module.policy.vocab_size, steps=4, batch_size=6), callbacks=[Record()])
+    assert any(n.startswith("head.") for n in changed(before, module))
+    later = Record.outputs[1:]  # the first batch is uniform (zero-initialised head)
+    assert any((w[s] - 1).abs().max() > 1e-6 for w, s in later)
+    for w, s in Record.outputs:
+        assert (~s).any() and s.any()
+        torch.testing.assert_close(w[~s], torch.ones_like(w[~s]))
+        torch.testing.assert_close(w[s].mean(), torch.tensor(1.0))
