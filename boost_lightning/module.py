@@ -38,7 +38,12 @@ from boost_lightning.baselines.weighting import (
     fixed_weights,
     l2rw_weights,
 )
-from boost_lightning.bilevel.hypergradient import Hypergradient, exact_hypergradient, first_order_hypergradient
+from boost_lightning.bilevel.hypergradient import (
+    Hypergradient,
+    exact_hypergradient,
+    first_order_hypergradient,
+    unit_rms,
+)
 from boost_lightning.bilevel.tradeoff import tradeoff
 from boost_lightning.models.features import scalar_features
 from boost_lightning.models.policy import PolicyModel, TrajectoryOutput
@@ -210,7 +215,7 @@ class BoostModule(LightningModule):
 
         # ---- inner level: weights (detached) → weighted loss → backward -------------------------------------
         outer_due = self._outer_due()
-        out, weights, directional, hypergrad = self._inner_weights(inner, outer, outer_due)
+        out, weights, directional, hypergrad, head_inputs = self._inner_weights(inner, outer, outer_due)
         if not torch.isfinite(weights).all():
             return self._skip("weights", policy_opt, head_opt)
         if first_of_cycle:
@@ -231,7 +236,7 @@ class BoostModule(LightningModule):
             if not hypergrad.is_finite():
                 return self._skip("hypergrad", policy_opt, head_opt)
             head_faults = self.faults["hypergrad"]
-            self._outer_update(head_opt, inner, out, hypergrad)
+            self._outer_update(head_opt, head_inputs, hypergrad)
             if self.faults["hypergrad"] != head_faults:  # the head's own gradient was non-finite (already counted)
                 self._discard_step(policy_opt, head_opt)
                 return None
@@ -262,6 +267,7 @@ class BoostModule(LightningModule):
     def _inner_weights(self, inner, outer, outer_due: bool):
         """Forward the inner batch and decide its weights [B] (detached).
 
+        Also returns the head's gathered inputs (``learned``; None otherwise) for the outer update of the same step.
         Weights depend on the whole batch (normalisation, top fractions, l2rw's rescaling). Under DDP every rank
         gathers the per-row inputs of the global batch (one small all-gather), computes all the weights exactly as
         one process would, and keeps its own rows; the head's running statistics see the global batch on every
@@ -275,7 +281,7 @@ class BoostModule(LightningModule):
                 out = _cat_outputs([self.policy.trajectory_forward(c) for c in _chunks(inner, micro)])
         else:
             out = self.policy.trajectory_forward(inner)
-        directional, hypergrad = None, None
+        directional, hypergrad, head_inputs = None, None, None
         name = self.hparams.weighting
         nan = torch.full_like(out.loss, float("nan")).detach()
         if name == "learned":
@@ -283,10 +289,11 @@ class BoostModule(LightningModule):
             if not (torch.isfinite(scalars).all() and (pooled is None or torch.isfinite(pooled).all())):
                 # A non-finite feature (e.g. a NaN reward) must not reach the head's running statistics. The check
                 # runs on gathered tensors, so every rank skips the step together.
-                return out, nan, None, None
+                return out, nan, None, None, None
             self.head.observe(scalars)
+            head_inputs = (scalars, pooled, synthetic)
             with torch.no_grad():
-                weights = self.head(scalars, pooled, synthetic)
+                weights = self.head(*head_inputs)
         elif name == "l2rw":
             local = self._local_hypergradient(inner, outer, out, torch.ones_like(out.loss))
             hypergrad, rows = _gather_hypergradient(local)
@@ -303,8 +310,8 @@ class BoostModule(LightningModule):
             weights = fixed_weights(name, is_synthetic, reward, self.hparams.filter_fraction,
                                     self.hparams.weighting_temperature, baseline)
         if not torch.isfinite(weights).all():
-            return out, nan, directional, hypergrad
-        return out, weights[rows].detach(), directional, hypergrad
+            return out, nan, directional, hypergrad, head_inputs
+        return out, weights[rows].detach(), directional, hypergrad, head_inputs
 
     def _global_features(self, out: TrajectoryOutput, inner) -> tuple[Tensor, Tensor | None, Tensor, slice]:
         """Head inputs of the global batch (scalars [N, k], pooled [N, H] or None, is_synthetic [N]) and this
@@ -437,20 +444,21 @@ class BoostModule(LightningModule):
             scales.append(1.0 / ((st["exp_avg_sq"] / (1 - beta2 ** float(st["step"]))).sqrt() + eps))
         return lambda v: [g * scale.to(g.dtype) for g, scale in zip(v, scales)]
 
-    def _outer_update(self, head_opt, inner, out: TrajectoryOutput, hypergrad: Hypergradient) -> None:
+    def _outer_update(self, head_opt, head_inputs: tuple[Tensor, Tensor | None, Tensor],
+                      hypergrad: Hypergradient) -> None:
         accumulate = self.hparams.outer_accumulate_grad_batches
         if self._outer_evals % accumulate == 0:
             head_opt.zero_grad()
         self._outer_evals += 1
-        # The head runs on the global batch on every rank (gathered features, global g from _hypergradient): the
-        # normalisation and the ESS/entropy regulariser are functions of all N weights, and the head is tiny.
-        scalars, pooled, synthetic, _ = self._global_features(out, inner)
-        weights = self.head(scalars, pooled, synthetic)
+        # The head runs on the global batch on every rank (features gathered once per step in _inner_weights, global
+        # g from _hypergradient): the normalisation and the ESS/entropy regulariser are functions of all N weights,
+        # and the head is tiny.
+        weights = self.head(*head_inputs)
         # ∂/∂φ Σ gᵢ·wᵢ(φ) = Σ gᵢ ∂wᵢ/∂φ: the chain rule through the head, with g the hypergradient.
         g = hypergrad.grad_weights.to(weights.dtype)
         if self.hparams.normalize_hypergradient:
             # Only g's direction across rows carries the signal; a unit RMS puts it on the regulariser's scale.
-            g = g / (g.pow(2).mean().sqrt() + 1e-30) / g.shape[0]
+            g = unit_rms(g) / g.shape[0]
         surrogate = (g * weights).sum() + self.head.regularization(weights)
         self._local_backward(surrogate / accumulate)
         # Every rank computed the same gradient from the same inputs; rank 0's copy (a few thousand floats) is

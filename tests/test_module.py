@@ -242,7 +242,8 @@ def test_adam_preconditioner_reads_each_parameter_groups_own_betas_and_eps(tiny_
 
 def test_reweight_synthetic_trains_the_head_and_keeps_real_rows_at_weight_one(tiny_llama_config):
     class Record(Callback):
-        outputs = []
+        def __init__(self):
+            self.outputs = []
 
         def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
             self.outputs.append((outputs["weights"], outputs["is_synthetic"].bool()))
@@ -251,12 +252,12 @@ def test_reweight_synthetic_trains_the_head_and_keeps_real_rows_at_weight_one(ti
     module = BoostModule(policy, WeightHead(reweight="synthetic"), head_grad_clip=None,
                          policy_optimizer=lambda p: torch.optim.SGD(p, lr=0.1),
                          head_optimizer=lambda p: torch.optim.SGD(p, lr=1.0))
-    before = snapshot(module)
-    fit(module, loader(module.policy.vocab_size, steps=4, batch_size=6), callbacks=[Record()])
+    before, record = snapshot(module), Record()
+    fit(module, loader(module.policy.vocab_size, steps=4, batch_size=6), callbacks=[record])
     assert any(n.startswith("head.") for n in changed(before, module))
-    later = Record.outputs[1:]  # the first batch is uniform (zero-initialised head)
+    later = record.outputs[1:]  # the first batch is uniform (zero-initialised head)
     assert any((w[s] - 1).abs().max() > 1e-6 for w, s in later)
-    for w, s in Record.outputs:
+    for w, s in record.outputs:
         assert (~s).any() and s.any()
         torch.testing.assert_close(w[~s], torch.ones_like(w[~s]))
         torch.testing.assert_close(w[s].mean(), torch.tensor(1.0))

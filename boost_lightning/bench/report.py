@@ -215,8 +215,8 @@ def summarize(results: Sequence[dict[str, Any]]) -> dict[str, Any]:
                 wins.append(task)
     unsolved = [t for t in tasks if not any(np.mean(success[(m, t)]) > 0 for m in methods if (m, t) in success)]
     return {"tasks": tasks, "methods": methods, "success": success, "val_loss": val_loss, "seconds": seconds,
-            "analysis": analysis,
-            "generators": generators, "alignment": alignment, "boost_best_on": wins, "unsolved": unsolved}
+            "analysis": analysis, "generators": generators, "alignment": alignment, "boost_best_on": wins,
+            "unsolved": unsolved}
 
 
 def _mean_of(dicts: Sequence[dict[str, float]], key: str) -> float:

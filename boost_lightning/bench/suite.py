@@ -383,6 +383,8 @@ def run_one(spec: RunSpec, preset: Preset, ctx: RunContext) -> dict[str, Any]:
 def _make_recorder_class():
     from lightning.pytorch import Callback
 
+    from boost_lightning.bilevel.hypergradient import unit_rms
+
     class _HistoryRecorder(Callback):
         """Mean batch ESS / B over windows of ``every_n_steps`` inner batches, and any ``tradeoff/*`` metrics."""
 
@@ -405,7 +407,7 @@ def _make_recorder_class():
             g = outputs.get("hypergradient")
             if g is not None:
                 # Scale-free per batch, as the head sees it: > 0 means a larger weight lowers the validation loss.
-                a = (-g.float() / g.float().pow(2).mean().sqrt().clamp(min=1e-30)).tolist()
+                a = (-unit_rms(g.float())).tolist()
                 for value, meta, synthetic in zip(a, batch["inner"]["meta"], outputs["is_synthetic"].tolist()):
                     key = str((meta or {}).get("generator", "?")) if synthetic else "real"
                     self._alignment.setdefault(key, []).append(value)

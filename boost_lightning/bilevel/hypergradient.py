@@ -54,6 +54,12 @@ class Hypergradient:
         return bool(torch.isfinite(self.grad_weights).all() and torch.isfinite(self.val_loss))
 
 
+def unit_rms(g: Tensor) -> Tensor:
+    """``g`` divided by its root mean square over the rows: the hypergradient's direction across a batch, whose raw
+    scale follows the policy's learning rate and loss scale."""
+    return g / (g.pow(2).mean().sqrt() + 1e-30)
+
+
 def first_order_hypergradient(
     params: Params,
     inner_losses: Callable[[Params], Tensor],
@@ -92,14 +98,13 @@ def first_order_hypergradient(
         # Sync point: v must be ∇ of the *global* validation loss before the probe; the loss rides in the same
         # collective (one all-reduce of |θ| + 1 floats per outer step).
         val, v = _reduce_flat(all_reduce, val.detach(), v)
-    v_norm = torch.sqrt(sum((_up(g) ** 2).sum() for g in v))
-    if precondition is not None:
-        v = list(precondition(v))
-    step = eps / torch.sqrt(sum((_up(g) ** 2).sum() for g in v)).clamp(min=1e-12)
+    v_norm = _global_norm(v)
+    probe = v if precondition is None else list(precondition(v))
+    step = eps / (v_norm if precondition is None else _global_norm(probe)).clamp(min=1e-12)
 
     with torch.no_grad():
         def shifted(sign: float) -> dict[str, Tensor]:
-            return {n: (_up(p.detach()) + sign * step * _up(g)).to(p.dtype) for n, p, g in zip(names, live, v)}
+            return {n: (_up(p.detach()) + sign * step * _up(g)).to(p.dtype) for n, p, g in zip(names, live, probe)}
 
         plus = _up(inner_losses(shifted(1.0)))
         if central:
@@ -175,7 +180,7 @@ def exact_hypergradient(
         raise
     grad_w = outs[0].detach()
     v = [g for g in outs[1:] if g is not None]
-    v_norm = torch.sqrt(sum((_up(g) ** 2).sum() for g in v)) if v else grad_w.new_zeros(())
+    v_norm = _global_norm(v) if v else grad_w.new_zeros(())
     return Hypergradient(
         grad_weights=grad_w,
         val_loss=val.detach(),
@@ -192,6 +197,11 @@ def _reduce_flat(all_reduce: Reduce, scalar: Tensor, tensors: list[Tensor]) -> t
         out.append(flat[offset : offset + t.numel()].view(t.shape))
         offset += t.numel()
     return flat[0], out
+
+
+def _global_norm(tensors: list[Tensor]) -> Tensor:
+    """‖·‖₂ over all the tensors together, accumulated in at least fp32."""
+    return torch.sqrt(sum((_up(t) ** 2).sum() for t in tensors))
 
 
 def _up(x: Tensor) -> Tensor:
