@@ -1,31 +1,40 @@
-"""Data layer: trajectory schema and tokenization, split loading with caching, the Lightning datamodule.
+"""Data layer: trajectory schema and tokenization, split loading with caching, sampling, collation, the datamodule.
 
-The datamodule names are imported lazily so that ``boost_lightning.data.trajectory`` and friends do not pull in
-lightning.
+Dependencies point into this package, never out of it (except to :mod:`boost_lightning.cache`): simulators and model
+aliases reach it through the named-spec resolvers of :mod:`boost_lightning.data.specs`.
+
+Every name is imported on first access: ``import boost_lightning`` registers those resolvers through
+``boost_lightning.data.specs``, and that must not pull in datasets, transformers or lightning.
 """
 
-from boost_lightning.data.sources import LoadedSplit, load_split, load_splits
-from boost_lightning.data.tokenizer import load_tokenizer, train_chat_tokenizer
-from boost_lightning.data.trajectory import Trajectory, TrajectoryEncoder, TrajectoryFormatError
+from __future__ import annotations
 
-_LIGHTNING = ("BoostDataModule", "MixedSampler", "TrajectoryCollator")
+import importlib
+from typing import Any
 
-__all__ = [
-    "LoadedSplit",
-    "Trajectory",
-    "TrajectoryEncoder",
-    "TrajectoryFormatError",
-    "load_split",
-    "load_splits",
-    "load_tokenizer",
-    "train_chat_tokenizer",
-    *_LIGHTNING,
-]
+_EXPORTS = {
+    "BoostDataModule": "datamodule",
+    "IGNORE_INDEX": "trajectory",
+    "LoadedSplit": "sources",
+    "MixedSampler": "sampling",
+    "ShardSampler": "sampling",
+    "Trajectory": "trajectory",
+    "TrajectoryCollator": "collate",
+    "TrajectoryEncoder": "trajectory",
+    "TrajectoryFormatError": "trajectory",
+    "load_split": "sources",
+    "load_splits": "sources",
+    "load_tokenizer": "tokenizer",
+    "register_spec_resolver": "specs",
+    "resolve_spec": "specs",
+    "train_chat_tokenizer": "tokenizer",
+    "unregister_spec_resolver": "specs",
+}
+
+__all__ = list(_EXPORTS)
 
 
-def __getattr__(name: str):
-    if name in _LIGHTNING:
-        from boost_lightning.data import datamodule
-
-        return getattr(datamodule, name)
+def __getattr__(name: str) -> Any:
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(f"boost_lightning.data.{_EXPORTS[name]}"), name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -1,15 +1,7 @@
 """BoostDataModule: real + synthetic inner batches, real validation outer batches, collation and sampling.
 
-Batch contract (``TrajectoryCollator``): a dict with
-    ``input_ids``, ``attention_mask``, ``labels``, ``turn_ids``: LongTensor [B, T], right-padded to the longest row
-    (pad: ``pad_token_id``, 0, -100, -1); ``labels`` are the input ids on agent tokens (assistant contents and their
-    end-of-turn tokens) and -100 elsewhere, not shifted; ``turn_ids`` the index, in the original row, of the message
-    a token belongs to (its content, or the end-of-turn token of an assistant message), -1 for template glue and pads;
-    ``obs_mask``: BoolTensor [B, T], user/tool content tokens;
-    ``num_agent_tokens``, ``num_turns``, ``length``, ``row_id``: LongTensor [B];
-    ``reward``, ``is_synthetic``: FloatTensor [B];
-    ``task_id``: list[str]; ``meta``: list[dict].
-A training batch is ``{"inner": batch, "outer": batch}``.
+Batches follow the contract of :mod:`boost_lightning.data.collate`; a training batch is ``{"inner": batch, "outer":
+batch}``. Row order comes from the samplers of :mod:`boost_lightning.data.sampling`.
 
 Sharding. The datamodule shards its own data under DDP; it never relies on Lightning's sampler replacement. Rank and
 world size come from the attached trainer when the dataloaders are built (0 and 1 without one). The training
@@ -22,217 +14,21 @@ its r-th slice, so rank order is row order; with ``real_fraction`` this holds wh
 
 from __future__ import annotations
 
-import json
 import logging
-import math
-from collections.abc import Iterator
 from typing import Any
 
-import numpy as np
-import torch
 from datasets import Dataset, concatenate_datasets
 from lightning.pytorch import LightningDataModule
 from lightning.pytorch.utilities.combined_loader import CombinedLoader
-from torch.utils.data import DataLoader, DistributedSampler
+from torch.utils.data import DataLoader
 from transformers import PreTrainedTokenizerBase
 
+from boost_lightning.data.collate import TrajectoryCollator
+from boost_lightning.data.sampling import MixedSampler, ShardSampler
 from boost_lightning.data.sources import DataSpec, LoadedSplit, load_splits
 from boost_lightning.data.tokenizer import load_tokenizer
-from boost_lightning.data.trajectory import IGNORE_INDEX
 
 logger = logging.getLogger(__name__)
-
-
-class TrajectoryCollator:
-    """Pads tokenized rows into the batch contract (module docstring); right padding to the longest row.
-
-    Args:
-        pad_token_id: Id written into padded ``input_ids`` positions.
-        pad_to_multiple_of: Round the padded length up to a multiple of this (tensor-core friendly shapes).
-    """
-
-    # Column, padding value, dtype.
-    RAGGED = (
-        ("input_ids", None, torch.long),
-        ("attention_mask", 0, torch.long),
-        ("labels", IGNORE_INDEX, torch.long),
-        ("turn_ids", -1, torch.long),
-        ("obs_mask", False, torch.bool),
-    )
-    SCALAR = (
-        ("num_agent_tokens", torch.long),
-        ("num_turns", torch.long),
-        ("length", torch.long),
-        ("row_id", torch.long),
-        ("reward", torch.float),
-        ("is_synthetic", torch.float),
-    )
-
-    def __init__(self, pad_token_id: int, pad_to_multiple_of: int | None = None) -> None:
-        self.pad_token_id = pad_token_id
-        self.pad_to_multiple_of = pad_to_multiple_of
-
-    def __call__(self, rows: list[dict[str, Any]]) -> dict[str, Any]:
-        width = max(len(row["input_ids"]) for row in rows)
-        if self.pad_to_multiple_of:
-            width = math.ceil(width / self.pad_to_multiple_of) * self.pad_to_multiple_of
-        batch: dict[str, Any] = {}
-        for name, pad, dtype in self.RAGGED:
-            out = torch.full((len(rows), width), self.pad_token_id if pad is None else pad, dtype=dtype)
-            for i, row in enumerate(rows):
-                out[i, : len(row[name])] = torch.as_tensor(row[name], dtype=dtype)
-            batch[name] = out
-        for name, dtype in self.SCALAR:
-            batch[name] = torch.tensor([row[name] for row in rows], dtype=dtype)
-        batch["task_id"] = [row["task_id"] for row in rows]
-        batch["meta"] = [json.loads(row["meta"]) for row in rows]
-        return batch
-
-
-class MixedSampler(DistributedSampler):
-    """Row order of one epoch over a ``[real rows | synthetic rows]`` dataset, batch by batch, for one rank.
-
-    ``real_fraction=None`` (natural mix): all rows form one pool, shuffled. ``real_fraction=f``: every batch holds
-    ``round(f * batch_size)`` real rows (first) and synthetic ones for the rest, each pool drawn from its own stream of
-    reshuffled passes, so the smaller pool repeats within an epoch.
-
-    An epoch has enough batches for every row of every drawn pool to appear at least once (``num_batches`` overrides
-    this), rounded up to a multiple of ``world_size``; batches are always full, a stream running out continues into a
-    fresh shuffle. The global batch order depends on ``(seed, stream, epoch)`` only: rank ``r`` takes global batches
-    ``r, r + W, r + 2W, ...``, so ranks get disjoint shards that together are the single-process order.
-
-    It yields flat indices in batch order: use it as the ``sampler`` of a DataLoader with the same ``batch_size``.
-    It subclasses ``DistributedSampler`` so that Lightning neither replaces nor re-wraps it.
-
-    Args:
-        num_real: Real rows, indices ``0 .. num_real - 1``.
-        num_synthetic: Synthetic rows, indices ``num_real ..``.
-        batch_size: Rows per batch (per rank).
-        real_fraction: Share of real rows in every batch; ``None`` for the natural mix.
-        seed: Base seed.
-        stream: Tells apart samplers sharing a seed (inner and outer loaders).
-        rank: This process's rank.
-        world_size: Number of ranks.
-        num_batches: Global batches per epoch instead of the pass-over-the-data default.
-    """
-
-    def __init__(
-        self,
-        num_real: int,
-        num_synthetic: int = 0,
-        batch_size: int = 8,
-        real_fraction: float | None = None,
-        *,
-        seed: int = 0,
-        stream: int = 0,
-        rank: int = 0,
-        world_size: int = 1,
-        num_batches: int | None = None,
-    ) -> None:
-        if batch_size < 1:
-            raise ValueError(f"batch_size must be positive, got {batch_size}")
-        if not 0 <= rank < world_size:
-            raise ValueError(f"rank {rank} outside world size {world_size}")
-        if real_fraction is None:
-            quotas = [("", 0, num_real + num_synthetic, batch_size)]
-        else:
-            if not 0.0 <= real_fraction <= 1.0:
-                raise ValueError(f"real_fraction must be in [0, 1], got {real_fraction}")
-            num = round(real_fraction * batch_size)
-            quotas = [("real ", 0, num_real, num), ("synthetic ", num_real, num_synthetic, batch_size - num)]
-        for kind, _, size, quota in quotas:
-            if quota > 0 and size == 0:
-                raise ValueError(f"no {kind}rows to draw {quota} per batch from (real_fraction={real_fraction})")
-        # (first index, pool size, rows per batch) of each pool actually drawn from.
-        self.pools = [(offset, size, quota) for _, offset, size, quota in quotas if quota > 0]
-        if num_batches is None:
-            num_batches = max(math.ceil(size / quota) for _, size, quota in self.pools)
-        self.num_global_batches = math.ceil(num_batches / world_size) * world_size
-        self.batch_size = batch_size
-        self.real_fraction = real_fraction
-        # The DistributedSampler attributes, for code that inspects them.
-        self.num_replicas, self.rank, self.seed, self.stream = world_size, rank, seed, stream
-        self.epoch, self.shuffle, self.drop_last = 0, True, False
-        self.num_samples = len(self)
-        self.total_size = self.num_samples * world_size
-        self.start_batch = 0  # where the next iteration over ``self.epoch`` starts (resume); reset once used
-
-    def set_epoch(self, epoch: int) -> None:
-        """Select the epoch whose order ``__iter__`` yields (Lightning calls this before every epoch)."""
-        if epoch != self.epoch:
-            self.start_batch = 0
-        self.epoch = epoch
-
-    def state_dict(self) -> dict[str, int]:
-        """``{"epoch", "start_batch"}``: the epoch and the batch the next iteration starts at."""
-        return {"epoch": self.epoch, "start_batch": self.start_batch}
-
-    def load_state_dict(self, state: dict[str, int]) -> None:
-        """Resume: the next iteration yields epoch ``state["epoch"]`` from its batch ``state["start_batch"]`` on.
-
-        Earlier batches are skipped as indices, so their rows are never read or collated. ``len()`` stays the full
-        epoch: the trainer's restored batch counter accounts for the skipped batches.
-        """
-        epoch, start = int(state["epoch"]), int(state["start_batch"])
-        if not 0 <= start <= self.num_batches:
-            raise ValueError(f"start_batch {start} outside an epoch of {self.num_batches} batches")
-        self.epoch, self.start_batch = epoch, start
-
-    @property
-    def num_batches(self) -> int:
-        """Batches this rank gets per epoch."""
-        return self.num_global_batches // self.num_replicas
-
-    def batches(self) -> list[list[int]]:
-        """This rank's batches of the current epoch."""
-        parts = []
-        for pool, (offset, size, quota) in enumerate(self.pools):
-            needed = self.num_global_batches * quota
-            passes = [
-                np.random.default_rng([self.seed, self.stream, self.epoch, pool, p]).permutation(size)
-                for p in range(math.ceil(needed / size))
-            ]
-            parts.append(np.concatenate(passes)[:needed].reshape(self.num_global_batches, quota) + offset)
-        order = np.concatenate(parts, axis=1)
-        return order[self.rank :: self.num_replicas].tolist()
-
-    def __iter__(self) -> Iterator[int]:
-        start, self.start_batch = self.start_batch, 0
-        for batch in self.batches()[start:]:
-            yield from batch
-
-    def __len__(self) -> int:
-        return self.num_batches * self.batch_size
-
-
-class ShardSampler(DistributedSampler):
-    """Rows ``rank, rank + W, rank + 2W, ...`` of a dataset, in order: disjoint shards whose union is every row once.
-
-    Unlike ``DistributedSampler`` it never pads a shard with repeated rows (shards differ by at most one row), so
-    metrics synchronised over ranks count every validation row exactly once.
-
-    Args:
-        size: Rows in the dataset.
-        rank: This process's rank.
-        world_size: Number of ranks.
-    """
-
-    def __init__(self, size: int, rank: int = 0, world_size: int = 1) -> None:
-        if not 0 <= rank < world_size:
-            raise ValueError(f"rank {rank} outside world size {world_size}")
-        self.size, self.num_replicas, self.rank = size, world_size, rank
-        self.epoch, self.shuffle, self.drop_last, self.seed = 0, False, False, 0
-        self.num_samples = len(range(rank, size, world_size))
-        self.total_size = size
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def __iter__(self) -> Iterator[int]:
-        return iter(range(self.rank, self.size, self.num_replicas))
-
-    def __len__(self) -> int:
-        return self.num_samples
 
 
 class BoostDataModule(LightningDataModule):
@@ -270,7 +66,8 @@ class BoostDataModule(LightningDataModule):
             warning) instead of raising an error.
         num_workers: DataLoader worker processes.
         seed: Seed of the batch order; the same seed gives the same batches, epoch by epoch.
-        cache_dir: Directory of the tokenized-split cache; default ``~/.cache/boost_lightning/datasets``.
+        cache_dir: Directory of the tokenized-split cache; default ``$BOOST_LIGHTNING_CACHE/datasets`` (see
+            :mod:`boost_lightning.cache`).
         predict: Trajectories for ``predict_dataloader`` (e.g. to score every synthetic row); defaults to
             ``synthetic`` (or ``real`` when there is no synthetic split). Rows without ``source`` are synthetic.
     """
@@ -406,6 +203,23 @@ class BoostDataModule(LightningDataModule):
             rank=rank,
             world_size=world_size,
         )
+
+    def draw_only(self, source: str) -> None:
+        """Draw inner batches from one source only (``real`` or ``synthetic``): a weighting that gives the other
+        source weight 0 then trains on full batches of the rows it keeps (``BoostModule`` calls this at setup).
+
+        Under the natural mix it sets ``real_fraction`` to 1.0 or 0.0; an explicit ``real_fraction`` is kept, with a
+        warning when it puts rows of the other source into every batch.
+        """
+        if source not in ("real", "synthetic"):
+            raise ValueError(f"source must be 'real' or 'synthetic', got {source!r}")
+        wanted = 1.0 if source == "real" else 0.0
+        if self.real_fraction is None:
+            logger.info("inner batches draw %s rows only (real_fraction=%s)", source, wanted)
+            self.real_fraction = wanted
+        elif self.real_fraction != wanted:
+            logger.warning("real_fraction=%s puts rows the weighting ignores into every batch; %s keeps %s rows only "
+                           "(real_fraction=%s gives full batches of them)", self.real_fraction, source, source, wanted)
 
     def train_dataloader(self) -> CombinedLoader:
         """``{"inner": real+synthetic batch, "outer": shuffled validation batch}``, same number of batches."""

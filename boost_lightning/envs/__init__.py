@@ -2,9 +2,10 @@
 
 ``make_env(task)`` builds an environment (``reset(seed)`` -> chat messages, ``step(text)`` -> observation, reward,
 done, info); ``ensure_embedded(task)`` returns a cached directory of real / validation / synthetic JSONL files and a
-tokenizer; ``evaluate_policy(model, tokenizer, task)`` plays a causal LM on held-out instances. The rollout code is
-imported on first use, so the simulators and the synthesizer do not pay for importing torch (and
-``python -m boost_lightning.envs.synthesize`` does not find its module already imported).
+tokenizer, ``embedded_splits(task)`` the paths of those files; ``evaluate_policy(model, tokenizer, task)`` plays a
+causal LM on held-out instances. The rollout code is imported on first use, so the simulators and the synthesizer do
+not pay for importing torch (and ``python -m boost_lightning.envs.synthesize`` does not find its module already
+imported).
 """
 
 from typing import Any
@@ -21,8 +22,9 @@ from boost_lightning.envs.base import (
     seed_split,
     task_spec,
 )
-from boost_lightning.envs.embedded import embedded_dir, ensure_embedded
+from boost_lightning.envs.embedded import embedded_dir, embedded_splits, ensure_embedded
 from boost_lightning.envs.generators import (
+    DEFAULT_SETTINGS,
     demonstration_quality,
     expert_rows,
     hallucinated_row,
@@ -37,6 +39,7 @@ from boost_lightning.envs.generators import (
 )
 
 __all__ = [
+    "DEFAULT_SETTINGS",
     "EVAL_SEED_START",
     "REAL_SEED_START",
     "SYNTHETIC_SEED_START",
@@ -48,6 +51,7 @@ __all__ = [
     "build_splits",
     "demonstration_quality",
     "embedded_dir",
+    "embedded_splits",
     "ensure_embedded",
     "evaluate_policy",
     "expert_rows",

@@ -28,7 +28,6 @@ EVAL_SEED_START = 10_000
 SYNTHETIC_SEED_START = 20_000
 
 Message = dict[str, str]
-StepResult = tuple[str, float, bool, dict[str, Any]]
 
 
 def seed_split(seed: int) -> str:
@@ -168,7 +167,7 @@ class Env(ABC):
         return [{"role": "system", "content": self.system_prompt},
                 {"role": "user", "content": self._first_observation()}]
 
-    def step(self, agent_text: str) -> StepResult:
+    def step(self, agent_text: str) -> tuple[str, float, bool, dict[str, Any]]:
         """Play one agent turn.
 
         Args:

@@ -2,10 +2,14 @@
 
 ``ensure_embedded("maze")`` returns ``<root>/maze-<hash>/`` holding ``real.jsonl``, ``validation.jsonl``,
 ``synthetic.jsonl``, ``summary.json`` and ``tokenizer/`` (a 1024-vocab ChatML byte-level BPE trained on every message
-of the three files). ``<root>`` is ``cache_dir`` if given, else ``$BOOST_LIGHTNING_CACHE/embedded``, else
-``~/.cache/boost_lightning/embedded``. The hash covers the task, the synthesizer settings and a format version, so a
-change of settings never reuses stale data. The directory is built in a temporary sibling and renamed into place, so
-an interrupted run never leaves a half-made cache, and concurrent first uses agree on one result.
+of the three files); :func:`embedded_splits` names those paths. ``<root>`` is ``cache_dir`` if given, else
+``cache_dir("embedded")`` of :mod:`boost_lightning.cache` (``$BOOST_LIGHTNING_CACHE/embedded``). The hash covers
+the task, the synthesizer settings and a format version, so a change of settings never reuses stale data. The
+directory is written atomically (:func:`boost_lightning.cache.write_dir_atomically`): an interrupted run never leaves a
+half-made entry, and concurrent first uses agree on one result.
+
+The specs ``embedded:<task>/<split>`` and ``embedded:<task>`` of configs resolve to these paths (with the default
+settings) through :mod:`boost_lightning.resolve`.
 """
 
 from __future__ import annotations
@@ -14,37 +18,19 @@ import hashlib
 import json
 import logging
 import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
+from boost_lightning import cache
 from boost_lightning.envs.base import task_spec
+from boost_lightning.envs.generators import DEFAULT_SETTINGS
 
 FORMAT_VERSION = 1
-FILES = ("real.jsonl", "validation.jsonl", "synthetic.jsonl", "summary.json", "tokenizer")
-DEFAULT_SETTINGS: dict[str, Any] = {
-    "num_real": 64,
-    "num_validation": 64,
-    "num_synthetic": 2000,
-    "shifted_fraction": 0.3,
-    "hallucinated_fraction": 0.1,
-    "noise_levels": (0.1, 0.3, 0.6),
-    "hallucination_rate": 0.2,
-    "seed": 0,
-}
+SPLITS = ("real", "synthetic", "validation")
+FILES = (*(f"{split}.jsonl" for split in SPLITS), "summary.json", "tokenizer")
 TOKENIZER_VOCAB_SIZE = 1024
 
 log = logging.getLogger(__name__)
-
-
-def cache_root(cache_dir: str | os.PathLike | None = None) -> Path:
-    """Where embedded task directories live (see the module docstring)."""
-    if cache_dir is not None:
-        return Path(cache_dir)
-    env = os.environ.get("BOOST_LIGHTNING_CACHE")
-    base = Path(env) if env else Path.home() / ".cache" / "boost_lightning"
-    return base / "embedded"
 
 
 def _settings(synth_kwargs: dict[str, Any]) -> dict[str, Any]:
@@ -61,15 +47,21 @@ def embedded_dir(task: str, cache_dir: str | os.PathLike | None = None, **synth_
 
     Args:
         task: Task name.
-        cache_dir: Root directory (default: see the module docstring).
-        **synth_kwargs: Synthesizer settings overriding :data:`DEFAULT_SETTINGS`.
+        cache_dir: Root directory (default: ``$BOOST_LIGHTNING_CACHE/embedded``, see :mod:`boost_lightning.cache`).
+        **synth_kwargs: Synthesizer settings overriding
+            :data:`~boost_lightning.envs.generators.DEFAULT_SETTINGS`.
 
     Returns:
         ``<root>/<task>-<12 hex digits>``.
     """
     task_spec(task)
     key = json.dumps({"task": task, "version": FORMAT_VERSION, **_settings(synth_kwargs)}, sort_keys=True)
-    return cache_root(cache_dir) / f"{task}-{hashlib.sha256(key.encode()).hexdigest()[:12]}"
+    root = Path(cache_dir) if cache_dir is not None else cache.cache_dir("embedded")
+    return root / f"{task}-{hashlib.sha256(key.encode()).hexdigest()[:12]}"
+
+
+def _complete(path: Path) -> bool:
+    return all((path / name).exists() for name in FILES)
 
 
 def _build(task: str, out: Path, settings: dict[str, Any]) -> None:
@@ -87,8 +79,7 @@ def ensure_embedded(task: str, cache_dir: str | os.PathLike | None = None, **syn
 
     Args:
         task: Task name (``maze``, ``guess_number``, ``twenty_questions``).
-        cache_dir: Root directory (default ``$BOOST_LIGHTNING_CACHE/embedded`` or
-            ``~/.cache/boost_lightning/embedded``).
+        cache_dir: Root directory (default ``$BOOST_LIGHTNING_CACHE/embedded``, see :mod:`boost_lightning.cache`).
         **synth_kwargs: Synthesizer settings (``num_real``, ``num_validation``, ``num_synthetic``,
             ``shifted_fraction``, ``hallucinated_fraction``, ``noise_levels``, ``hallucination_rate``, ``seed``).
 
@@ -97,27 +88,24 @@ def ensure_embedded(task: str, cache_dir: str | os.PathLike | None = None, **syn
         ``tokenizer/``.
     """
     final = embedded_dir(task, cache_dir, **synth_kwargs)
-    if all((final / name).exists() for name in FILES):
+    if _complete(final):
         return final
     settings = _settings(synth_kwargs)
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
-    try:
-        log.info("generating embedded %s data in %s", task, final)
-        _build(task, tmp, settings)
-        tmp.chmod(0o755)  # mkdtemp makes it private; the cache is ordinary shared data
-        if final.exists():
-            # A leftover without all its files can only come from outside this function (renames are atomic).
-            if all((final / name).exists() for name in FILES):
-                return final
-            shutil.rmtree(final, ignore_errors=True)
-        try:
-            os.replace(tmp, final)
-        except OSError:
-            # Another process renamed its copy into place first: theirs is complete, use it.
-            if not all((final / name).exists() for name in FILES):
-                raise
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
-    return final
+    log.info("generating embedded %s data in %s", task, final)
+    return cache.write_dir_atomically(final, lambda out: _build(task, out, settings), _complete)
+
+
+def embedded_splits(task: str, cache_dir: str | os.PathLike | None = None, **synth_kwargs: Any) -> dict[str, Path]:
+    """The files of an embedded task's data, generated on first use (see :func:`ensure_embedded`).
+
+    Args:
+        task: Task name (``maze``, ``guess_number``, ``twenty_questions``).
+        cache_dir: Root directory (default ``$BOOST_LIGHTNING_CACHE/embedded``).
+        **synth_kwargs: Synthesizer settings, as for :func:`ensure_embedded`.
+
+    Returns:
+        ``{"real": Path, "synthetic": Path, "validation": Path, "tokenizer": Path}``: the three JSONL splits and the
+        tokenizer directory, ready for ``BoostDataModule(real=..., synthetic=..., validation=..., tokenizer=...)``.
+    """
+    root = ensure_embedded(task, cache_dir, **synth_kwargs)
+    return {**{split: root / f"{split}.jsonl" for split in SPLITS}, "tokenizer": root / "tokenizer"}

@@ -21,8 +21,9 @@ ground truth lives in ``meta`` only:
 from __future__ import annotations
 
 import random
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from types import MappingProxyType
 from typing import Any
 
 from boost_lightning.envs.base import (
@@ -36,6 +37,19 @@ from boost_lightning.envs.base import (
 )
 
 Policy = Callable[[Env], str]
+
+# The synthesizer's settings (the keyword arguments of ``synthesize.build_splits``) and their defaults: the one place
+# they are written. The generators below, the synthesize command line and the embedded-data cache all read them here.
+DEFAULT_SETTINGS: Mapping[str, Any] = MappingProxyType({
+    "num_real": 64,
+    "num_validation": 64,
+    "num_synthetic": 2000,
+    "shifted_fraction": 0.3,
+    "hallucinated_fraction": 0.1,
+    "noise_levels": (0.1, 0.3, 0.6),
+    "hallucination_rate": 0.2,
+    "seed": 0,
+})
 
 
 @dataclass
@@ -176,12 +190,12 @@ def expert_rows(task: str, seeds: Sequence[int], source: str = "real", max_turns
     return rows
 
 
-def real_rows(task: str, num: int = 64) -> list[dict]:
+def real_rows(task: str, num: int = DEFAULT_SETTINGS["num_real"]) -> list[dict]:
     """``num`` real expert demonstrations on the first train seeds."""
     return expert_rows(task, range(REAL_SEED_START, REAL_SEED_START + num))
 
 
-def validation_rows(task: str, num: int = 64) -> list[dict]:
+def validation_rows(task: str, num: int = DEFAULT_SETTINGS["num_validation"]) -> list[dict]:
     """``num`` real expert demonstrations on the validation seeds (disjoint from the real ones)."""
     return expert_rows(task, range(VALIDATION_SEED_START, VALIDATION_SEED_START + num))
 
@@ -236,9 +250,12 @@ def pool_counts(num: int, noise_levels: Sequence[float], shifted_variants: Seque
     return {k: v for k, v in counts.items() if v}
 
 
-def synthetic_pool(task: str, num: int = 2000, shifted_fraction: float = 0.3, hallucinated_fraction: float = 0.1,
-                   noise_levels: Sequence[float] = (0.1, 0.3, 0.6), hallucination_rate: float = 0.2, seed: int = 0,
-                   on_row: Callable[[], None] | None = None) -> list[dict]:
+def synthetic_pool(task: str, num: int = DEFAULT_SETTINGS["num_synthetic"],
+                   shifted_fraction: float = DEFAULT_SETTINGS["shifted_fraction"],
+                   hallucinated_fraction: float = DEFAULT_SETTINGS["hallucinated_fraction"],
+                   noise_levels: Sequence[float] = DEFAULT_SETTINGS["noise_levels"],
+                   hallucination_rate: float = DEFAULT_SETTINGS["hallucination_rate"],
+                   seed: int = DEFAULT_SETTINGS["seed"], on_row: Callable[[], None] | None = None) -> list[dict]:
     """A shuffled pool of synthetic rows from noisy experts, task-shifted experts and a hallucinating simulator.
 
     Args:

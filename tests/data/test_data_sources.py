@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import json
 import logging
-import sys
-import types
 from pathlib import Path
 
 import pytest
@@ -56,7 +54,7 @@ def test_every_bad_input_names_file_line_and_field(tiny_tokenizer, write_jsonl, 
         if field is not None:
             assert f"field '{field}'" in text, (description, text)
         assert problem in text, (description, text)
-    assert not list((tmp_path / "cache").glob("*.arrow")), "nothing may be cached from a failed load"
+    assert not any((tmp_path / "cache").iterdir()), "nothing may be cached from a failed load"
 
 
 def test_empty_and_missing_splits(tiny_tokenizer, write_jsonl, tmp_path):
@@ -129,21 +127,25 @@ def test_bad_hf_row_names_the_row(tiny_tokenizer, make_row, tmp_path):
         load_split(Dataset.from_list(rows), "real", tiny_tokenizer, cache_dir=tmp_path)
 
 
-def test_embedded_spec_resolves_to_the_task_directory(tiny_tokenizer, write_jsonl, make_row, tmp_path, monkeypatch):
-    write_jsonl("validation.jsonl", [make_row(0), make_row(1)])
-    calls = []
+def test_embedded_spec_reads_the_generated_split(tiny_tokenizer, embedded_specs, embedded_data, tmp_path):
+    loaded = load_split("embedded:guess_number/validation", "validation", tiny_tokenizer, cache_dir=tmp_path)
+    path = embedded_data("guess_number")["validation"]
+    assert loaded.name == str(path)
+    task_ids = [json.loads(line)["task_id"] for line in path.read_text().splitlines()]
+    assert loaded.dataset["task_id"] == task_ids and len(task_ids) == 64
+    for bad in ("embedded:guess_number", "embedded:/validation", "embedded:guess_number/train"):
+        with pytest.raises(ValueError, match="embedded:<task>/<split>|unknown split 'train'"):
+            load_split(bad, "validation", tiny_tokenizer, cache_dir=tmp_path)
 
-    def ensure_embedded(task):
-        calls.append(task)
-        return str(tmp_path)
 
-    fake = types.ModuleType("boost_lightning.envs.embedded")
-    fake.ensure_embedded = ensure_embedded
-    monkeypatch.setitem(sys.modules, "boost_lightning.envs.embedded", fake)
-    loaded = load_split("embedded:maze/validation", "validation", tiny_tokenizer, cache_dir=tmp_path / "cache")
-    assert calls == ["maze"] and loaded.name == str(tmp_path / "validation.jsonl") and len(loaded.dataset) == 2
-    with pytest.raises(ValueError, match="embedded:<task>/<split>"):
-        load_split("embedded:maze", "validation", tiny_tokenizer, cache_dir=tmp_path / "cache")
+def test_tokenized_splits_are_cached_under_the_cache_root(tiny_tokenizer, write_jsonl, make_row, tmp_path, monkeypatch):
+    path = write_jsonl("real.jsonl", [make_row(0), make_row(1)])
+    monkeypatch.setenv("BOOST_LIGHTNING_CACHE", str(tmp_path / "root"))
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    loaded = load_split(path, "real", tiny_tokenizer)
+    (entry,) = (tmp_path / "root" / "datasets").iterdir()
+    assert loaded.dataset.cache_files[0]["filename"] == str(entry / "data.arrow")
+    assert not (tmp_path / "xdg").exists()
 
 
 def test_second_load_reuses_the_cache(tiny_tokenizer, plain_tokenizer, write_jsonl, make_row, tmp_path, monkeypatch):
@@ -151,7 +153,9 @@ def test_second_load_reuses_the_cache(tiny_tokenizer, plain_tokenizer, write_jso
     cache = tmp_path / "cache"
     first = load_split(path, "synthetic", tiny_tokenizer, max_length=64, cache_dir=cache)
     assert not first.from_cache
-    assert [p.suffix for p in sorted(cache.iterdir())] == [".arrow", ".json"]
+    (entry,) = cache.iterdir()  # one directory per split, renamed into place complete
+    assert sorted(p.name for p in entry.iterdir()) == ["data.arrow", "summary.json"]
+    assert first.dataset.cache_files[0]["filename"] == str(entry / "data.arrow")
 
     def never(*args, **kwargs):
         raise AssertionError("tokenized again")

