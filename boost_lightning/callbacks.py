@@ -23,9 +23,13 @@ def _tensorboard(trainer: Trainer):
 class WeightDiagnostics(Callback):
     """Write weight histograms per source and mean weight per ``meta`` group to TensorBoard.
 
-    Weights are collected from every training batch and flushed every ``every_n_steps`` inner batches as
+    Weights are collected from every training batch and flushed every ``every_n_steps`` training batches as
     ``weights/hist_real`` and ``weights/hist_synthetic`` histograms and ``weights/<group_by>/<value>`` means.
     The flushed means are also kept in :attr:`history` (one dict per flush) for plots and benchmarks.
+
+    Everything is keyed on the module's ``inner_steps`` (policy steps taken so far), not on
+    ``trainer.global_step``: under manual optimization the latter counts the optimizer steps of both levels, so
+    it would drift from the policy's progress with head warm-up, an outer cadence above one or skipped steps.
 
     Args:
         every_n_steps: Flush interval in training batches.
@@ -55,10 +59,9 @@ class WeightDiagnostics(Callback):
                 if value is not None:
                     self._groups[str(value)].append(w)
         if (batch_idx + 1) % self.every_n_steps == 0:
-            self._flush(trainer)
+            self._flush(trainer, pl_module.inner_steps)
 
-    def _flush(self, trainer: Trainer) -> None:
-        step = trainer.global_step
+    def _flush(self, trainer: Trainer, step: int) -> None:
         record: dict[str, float] = {"step": float(step)}
         experiment = _tensorboard(trainer) if trainer.is_global_zero else None
         for source, values in self._weights.items():
@@ -80,7 +83,8 @@ class RolloutEvaluation(Callback):
 
     Every ``every_n_val_epochs`` validation epochs, ``num_episodes`` instances of ``task`` are played with batched
     generation (chat template, stop at end of turn); ``rollout/success_rate``, ``rollout/return`` and
-    ``rollout/turns`` are logged and the first ``num_transcripts`` transcripts go to TensorBoard as text.
+    ``rollout/turns`` are logged and the first ``num_transcripts`` transcripts go to TensorBoard as text, at the
+    module's ``inner_steps``.
 
     Args:
         task: Embedded task name (``maze``, ``guess_number``, ``twenty_questions``).
@@ -118,7 +122,7 @@ class RolloutEvaluation(Callback):
         if experiment is not None:
             for i, transcript in enumerate(result.transcripts[: self.num_transcripts]):
                 text = "\n\n".join(f"**{m['role']}**: {m['content']}" for m in transcript)
-                experiment.add_text(f"rollout/transcript_{i}", text, trainer.global_step)
+                experiment.add_text(f"rollout/transcript_{i}", text, pl_module.inner_steps)
 
 
 class TrajectoryWeightWriter(BasePredictionWriter):
@@ -162,8 +166,8 @@ class TrajectoryWeightWriter(BasePredictionWriter):
         rows = sorted({r["row_id"]: r for part in gathered for r in part}.values(), key=lambda r: r["row_id"])
         if not rows:
             return
-        weights = pl_module.head.normalize(torch.tensor([r["score"] for r in rows]),
-                                           torch.tensor([r["source"] == "synthetic" for r in rows]))
+        weights = pl_module.weighting.normalize(torch.tensor([r["score"] for r in rows]),
+                                                torch.tensor([r["source"] == "synthetic" for r in rows]))
         path.parent.mkdir(parents=True, exist_ok=True)
         with path.open("w") as f:
             for row, w in zip(rows, weights.tolist()):

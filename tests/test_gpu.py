@@ -8,9 +8,10 @@ from lightning.pytorch import Trainer
 from torch.utils.data import DataLoader
 
 from boost_lightning.bench.batches import random_batch
-from boost_lightning.bilevel import exact_hypergradient, first_order_hypergradient
+from boost_lightning.bilevel import HypergradientOptions, exact_hypergradient, first_order_hypergradient
 from boost_lightning.models import PolicyModel, WeightHead
 from boost_lightning.module import BoostModule
+from boost_lightning.weightings import Learned
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
 
@@ -37,7 +38,7 @@ def test_bf16_mixed_boost_trains_with_fused_sdpa_kernels_only():
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     policy = PolicyModel(config=CONFIG, r=8, lora_alpha=16, seed=0)
-    module = BoostModule(policy, WeightHead(), lookahead_lr=0.1)
+    module = BoostModule(policy, Learned(WeightHead()), hypergradient=HypergradientOptions(lookahead_lr=0.1))
     before = {n: p.detach().clone() for n, p in module.named_parameters()}
     items = [{"inner": random_batch(CONFIG["vocab_size"], 4, 128, seed=i),
               "outer": random_batch(CONFIG["vocab_size"], 4, 128, seed=100 + i)} for i in range(3)]
@@ -99,11 +100,11 @@ def test_gradient_checkpointing_lowers_peak_memory_and_keeps_the_hypergradient()
     torch.testing.assert_close(grads[1], grads[0], rtol=1e-4, atol=1e-4 * grads[0].abs().max().item())
 
 
-def test_throughput_benchmark_runs_on_cuda(capsys):
-    from boost_lightning.bench.throughput import main
+def test_perf_benchmark_runs_on_cuda(capsys):
+    from boost_lightning.bench.perf import main
 
     rows = main(["--steps", "4", "--warmup", "1", "--batch-size", "2", "--seq-len", "128", "--precision", "bf16-mixed",
                  "--device", "cuda", "--methods", "sft,boost_k4"])
     assert [r["method"] for r in rows] == ["sft", "boost_k4"]
     assert all(r["tokens_per_s"] > 0 and r["peak_mib"] > 0 for r in rows)
-    assert "device=cuda" in capsys.readouterr().out
+    assert "accelerator=gpu" in capsys.readouterr().out

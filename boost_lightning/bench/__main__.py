@@ -5,7 +5,8 @@
 
 Writes under ``<out>/<name>/``: ``runs/<run_id>.json`` (one per finished run; a finished run is not run again),
 ``results.csv``, ``results.md``, PNG plots and TensorBoard logs in ``tb/<run_id>``. Other benchmarks of this package:
-``python -m boost_lightning.bench.module`` (step time and memory), ``.data`` (tokenization), ``.envs`` (simulators).
+``python -m boost_lightning.bench.perf`` (step time, tokens/s and memory vs SFT), ``.data`` (tokenization),
+``.envs`` (simulators).
 """
 
 from __future__ import annotations

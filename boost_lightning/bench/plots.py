@@ -108,9 +108,7 @@ def plot_weight_per_generator(results: Sequence[dict[str, Any]], path: Path) -> 
         history = run["history"]["generators"]
         names = sorted({k for h in history for k in h if k != "step"})
         colours = _colours(names)
-        # WeightDiagnostics records Lightning's global step, which counts the optimizer steps of both levels.
-        inner, outer = run["metrics"]["inner_steps"], run["metrics"]["outer_steps"]
-        xs = [h["step"] * inner / max(inner + outer, 1) for h in history]
+        xs = [h["step"] for h in history]  # WeightDiagnostics records the module's inner steps
         for name in names:
             ax.plot(xs, [h.get(name, math.nan) for h in history], label=name, color=colours[name], lw=1.2)
         ax.axhline(1.0, color="grey", lw=0.8, ls="--")

@@ -182,8 +182,8 @@ def summarize(results: Sequence[dict[str, Any]]) -> dict[str, Any]:
         "generators": {task: [generator_means]}, "alignment": {task: [per-generator alignment]}, ...}`` for the
         main comparison.
     """
-    from boost_lightning.baselines.weighting import WEIGHTINGS
     from boost_lightning.envs.base import TASKS
+    from boost_lightning.weightings import WEIGHTINGS
 
     main = [r for r in results if "main" in r["spec"]["axes"]]
     tasks = _ordered((r["spec"]["task"] for r in main), TASKS)

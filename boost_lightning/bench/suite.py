@@ -22,7 +22,8 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from boost_lightning.baselines.weighting import WEIGHTINGS
+from boost_lightning.models.weight_head import effective_sample_size
+from boost_lightning.weightings import WEIGHTINGS
 
 #: Randomly initialised Llama sizes ``--model`` accepts by name (anything else is a path or alias of a pretrained
 #: causal LM). The vocabulary is the embedded tasks' 1024-token tokenizer.
@@ -320,6 +321,7 @@ def run_one(spec: RunSpec, preset: Preset, ctx: RunContext) -> dict[str, Any]:
     from boost_lightning.envs.rollout import evaluate_policy
     from boost_lightning.models import WeightHead
     from boost_lightning.module import BoostModule
+    from boost_lightning.weightings import Learned
 
     _quiet()  # after the imports: importing lightning resets its loggers' levels
     data = ensure_embedded(spec.task, cache_dir=ctx.cache_dir / "embedded", **data_settings(preset, spec))
@@ -333,8 +335,9 @@ def run_one(spec: RunSpec, preset: Preset, ctx: RunContext) -> dict[str, Any]:
     head = WeightHead(regularizer=preset.regularizer if spec.regularizer_strength > 0 else "none",
                       regularizer_strength=spec.regularizer_strength, reweight=ctx.head_reweight, seed=spec.seed)
     lr, head_lr = preset.lr, preset.head_lr
-    module = BoostModule(policy, head, policy_optimizer=lambda p: torch.optim.AdamW(p, lr=lr),
-                         head_optimizer=lambda p: torch.optim.Adam(p, lr=head_lr), weighting=spec.method,
+    weighting = Learned(head) if spec.method == "learned" else spec.method
+    module = BoostModule(policy, weighting, policy_optimizer=lambda p: torch.optim.AdamW(p, lr=lr),
+                         head_optimizer=lambda p: torch.optim.Adam(p, lr=head_lr),
                          max_inner_steps=preset.steps)
     # At least ~10 points per history, also for very short runs.
     every = max(1, min(preset.record_every, preset.steps // 10))
@@ -412,7 +415,7 @@ def _make_recorder_class():
                     key = str((meta or {}).get("generator", "?")) if synthetic else "real"
                     self._alignment.setdefault(key, []).append(value)
             w = outputs["weights"].float()
-            self._window.append(float(w.sum() ** 2 / w.pow(2).sum().clamp(min=1e-12)) / w.shape[0])
+            self._window.append(float(effective_sample_size(w)) / w.shape[0])
             if len(self._window) >= self.every_n_steps:
                 self.steps.append(int(pl_module.inner_steps))
                 self.ess_fraction.append(sum(self._window) / len(self._window))
@@ -431,7 +434,7 @@ def HistoryRecorder(every_n_steps: int):  # noqa: N802  (a factory: Lightning is
 def _loader(dm, name: str, batch_size: int):
     from torch.utils.data import DataLoader
 
-    from boost_lightning.data.datamodule import TrajectoryCollator
+    from boost_lightning.data.collate import TrajectoryCollator
 
     return DataLoader(dm.splits[name].dataset, batch_size=batch_size, shuffle=False,
                       collate_fn=TrajectoryCollator(dm.tokenizer.pad_token_id))
@@ -466,19 +469,20 @@ def score_pool(module, dm, device, batch_size: int) -> dict[str, Any]:
 
     from boost_lightning.models.features import scalar_features
 
+    head = module.weighting.head
     scores, synthetic, metas = [], [], []
     with torch.no_grad():
         for split in ("real", "synthetic"):
             for batch in _loader(dm, split, batch_size):
                 batch = _to(batch, device)
                 out = module.policy.trajectory_forward(batch)
-                feats = scalar_features(out, batch, module.head.scalar_names)
-                scores.append(module.head.scores(feats, out.pooled).float().cpu())
+                feats = scalar_features(out, batch, head.scalar_names)
+                scores.append(head.scores(feats, out.pooled).float().cpu())
                 synthetic += [split == "synthetic"] * out.loss.shape[0]
                 metas += batch["meta"]
-        weights = module.head.normalize(torch.cat(scores), torch.tensor(synthetic)).tolist()
+        weights = head.normalize(torch.cat(scores), torch.tensor(synthetic)).tolist()
     n = len(weights)
-    ess = sum(weights) ** 2 / max(sum(w * w for w in weights), 1e-12) / max(n, 1)
+    ess = float(effective_sample_size(torch.tensor(weights, dtype=torch.float64))) / max(n, 1)
     syn = [(w, m) for w, m, s in zip(weights, metas, synthetic) if s]
     return {
         "real_weights": [round(w, 5) for w, s in zip(weights, synthetic) if not s],

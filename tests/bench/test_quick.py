@@ -6,10 +6,10 @@ import csv
 
 import pytest
 
-from boost_lightning.baselines.weighting import WEIGHTINGS
 from boost_lightning.bench.__main__ import main
 from boost_lightning.bench.suite import PRESETS, plan
 from boost_lightning.envs.base import TASKS
+from boost_lightning.weightings import WEIGHTINGS
 
 
 @pytest.mark.slow

@@ -11,7 +11,6 @@ import re
 import numpy as np
 import pytest
 
-from boost_lightning.baselines.weighting import WEIGHTINGS
 from boost_lightning.bench.__main__ import main
 from boost_lightning.bench.report import (
     fmt_ci,
@@ -22,8 +21,37 @@ from boost_lightning.bench.report import (
     weight_analysis,
 )
 from boost_lightning.bench.suite import PRESETS, RunContext, RunSpec, is_finished, plan, resolve_methods, result_path
+from boost_lightning.weightings import WEIGHTINGS
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def md_tables(md: str) -> list[list[list[str]]]:
+    """Every markdown table as rows of cells (header first, separator dropped), emphasis and code marks stripped."""
+    tables: list[list[list[str]]] = []
+    previous = ""
+    for line in md.splitlines():
+        if line.startswith("|"):
+            cells = [c.strip().strip("*`").strip() for c in line.strip().strip("|").split("|")]
+            if not all(set(c) <= {"-"} for c in cells):
+                if not previous.startswith("|"):
+                    tables.append([])
+                tables[-1].append(cells)
+        previous = line
+    return tables
+
+
+def md_table(md: str, header: list[str]) -> dict[str, list[str]]:
+    """The one table whose header is ``header``, as {first cell: the other cells}."""
+    found = [t for t in md_tables(md) if t[0] == header]
+    assert len(found) == 1, (header, [t[0] for t in md_tables(md)])
+    return {row[0]: row[1:] for row in found[0][1:]}
+
+
+def number_ci(cell: str) -> tuple[float, float]:
+    """``"37.5 ± 158.8"`` → (37.5, 158.8); ``"37.5"`` → (37.5, nan)."""
+    mean, _, half = cell.partition("±")
+    return float(mean), float(half) if half.strip() else math.nan
 
 
 def test_mean_ci_on_hand_values():
@@ -131,17 +159,38 @@ def test_micro_suite_end_to_end_and_resume(tmp_path, capsys):
 
     md = (suite / "results.md").read_text()
     assert "python -m boost_lightning.bench --quick --tasks maze" in md
-    table_rows = [line for line in md.splitlines() if line.startswith("| `uniform` |")]
-    assert re.match(r"\| `uniform` \| \**\d+\.\d ± \d+\.\d\** \|", table_rows[0])
-    assert "ρ(weight, quality)" in md and "shifted (× on-dist)" in md and "weight mass real" in md
-    assert re.search(r"\| maze \| -?\d\.\d\d \| (-?\d\.\d\d|–) \| \d\.\d\d \|", md)
-    assert "What the validation loss asked for" in md
-    record = json.loads(next(p for p in runs if "-learned-" in p.name).read_text())
-    # One alignment per generator seen in the 3 outer steps' batches (48 rows), every one a finite number.
-    assert record["alignment"] and all(math.isfinite(v) for v in record["alignment"].values())
-    assert set(record["alignment"]) <= set(record["weights"]["synthetic"]["generator"]) | {"real"}
-    assert "3 inner (policy) steps" in md
-    assert re.search(r"## Held-out real validation loss(.|\n)*\| `uniform` \| \**\d\.\d{3} ± \d\.\d{3}", md)
+    by_method = {m: [r for r in rows if r["method"] == m] for m in ("uniform", "learned")}
+    # Main table: a row per method, a column for the task; success in percent, mean ± CI over the two seeds.
+    success = md_table(md, ["method", "maze", "mean", "train s"])
+    assert set(success) == {"uniform", "learned"}
+    for method, runs_of in by_method.items():
+        mean, half = number_ci(success[method][0])
+        assert mean == pytest.approx(100 * np.mean([float(r["success_rate"]) for r in runs_of]), abs=0.051)
+        assert half >= 0 and float(success[method][1]) == pytest.approx(mean, abs=0.051)
+    # Validation loss table: the same rows, mean ± CI of each method's held-out loss.
+    val_loss = md_table(md, ["method", "maze"])
+    for method, runs_of in by_method.items():
+        assert number_ci(val_loss[method][0])[0] == pytest.approx(
+            np.mean([float(r["val_loss"]) for r in runs_of]), abs=5.1e-4)
+    # Weight analysis: one row per task; ρ is the mean over the learned seeds.
+    weights_table = next(t for t in md_tables(md) if t[0][0] == "task")
+    assert [row[0] for row in weights_table[1:]] == ["maze"]
+    rho = float(weights_table[1][1])
+    assert rho == pytest.approx(np.mean([float(r["spearman_quality"]) for r in by_method["learned"]]), abs=0.0051)
+    records = [json.loads(p.read_text()) for p in runs if "-learned-" in p.name]
+    for record in records:
+        # One alignment per generator seen in the 3 outer steps' batches (48 rows), every one a finite number.
+        assert record["alignment"] and all(math.isfinite(v) for v in record["alignment"].values())
+        assert set(record["alignment"]) <= set(record["weights"]["synthetic"]["generator"]) | {"real"}
+    # The report lists the mean alignment per generator over the learned seeds.
+    listed = [dict((name, float(value)) for name, value in (item.rsplit(" ", 1) for item in line[len("- maze: "):]
+                                                           .split(", ")))
+              for line in md.splitlines() if line.startswith("- maze: ")]
+    expected = {k: np.mean([r["alignment"][k] for r in records if k in r["alignment"]])
+                for k in {k for r in records for k in r["alignment"]}}
+    assert any(set(d) == set(expected) and all(d[k] == pytest.approx(v, abs=0.0051) for k, v in expected.items())
+               for d in listed), (listed, expected)
+    assert int(re.search(r"(\d+) inner", md).group(1)) == 3
 
     for name in ("success.png", "weight_vs_quality.png", "weight_per_generator.png", "ess.png"):
         path = suite / name
@@ -203,10 +252,21 @@ def test_reports_from_records_include_ci_and_tradeoff_metrics(tmp_path):
                _fake_result("learned", 0, 0.5, {"tradeoff/ess": 0.75}),
                _fake_result("learned", 1, 1.0, {"tradeoff/ess": 0.25})]
     md = write_reports(tmp_path, results, command="python -m boost_lightning.bench --quick")
-    assert "| `uniform` | 37.5 ± 158.8 | 37.5 |" in md
-    assert "| `learned` | **75.0 ± 317.6** | 75.0 |" in md
-    assert "at least as good as every baseline on 1 of 1 tasks" in md
-    assert "| `learned` | maze | 0.500 |" in md  # mean of the final tradeoff/ess over the two seeds
+    table = md_table(md, ["method", "maze", "mean", "train s"])
+    assert set(table) == {"uniform", "learned"}
+    # Success in percent: mean of the seeds, and a 95 % half-width of t(1) · sd / √2 = 12.706 · sd / √2.
+    for method, (a, b) in (("uniform", (0.25, 0.5)), ("learned", (0.5, 1.0))):
+        mean, half = number_ci(table[method][0])
+        assert mean == pytest.approx(50 * (a + b), abs=0.051)
+        assert half == pytest.approx(100 * 12.706 * abs(b - a) / math.sqrt(2) / math.sqrt(2), abs=0.051)
+        assert float(table[method][1]) == pytest.approx(mean, abs=0.051)  # one task: the row mean is the task's
+    lines = md.splitlines()
+    assert "**" in next(line for line in lines if line.startswith("| `learned` |"))  # the best cell is bold
+    assert "**" not in next(line for line in lines if line.startswith("| `uniform` |"))
+    assert re.search(r"(\d+) of (\d+) tasks", md).groups() == ("1", "1")
+    # Trade-off table: only the method that logged the metric, its mean over the two seeds.
+    tradeoff = next(t for t in md_tables(md) if t[0] == ["method", "task", "tradeoff/ess"])
+    assert [(row[0], row[1], float(row[2])) for row in tradeoff[1:]] == [("learned", "maze", 0.5)]
     with open(tmp_path / "results.csv") as f:
         rows = list(csv.DictReader(f))
     assert [r["tradeoff/ess"] for r in rows] == ["", "", "0.75", "0.25"]
@@ -222,4 +282,5 @@ def test_head_reweight_synthetic_keeps_every_real_row_at_weight_one(tmp_path):
     assert record["weights"]["real_weights"] and set(record["weights"]["real_weights"]) == {1.0}
     synthetic = np.asarray(record["weights"]["synthetic"]["weight"])
     assert synthetic.mean() == pytest.approx(1.0, abs=1e-4) and synthetic.std() > 0
-    assert "learned head reweights `synthetic` rows" in (tmp_path / "syn" / "results.md").read_text()
+    preamble = (tmp_path / "syn" / "results.md").read_text().split("\n|", 1)[0]  # the text before the first table
+    assert "`synthetic`" in preamble

@@ -42,8 +42,26 @@ def test_tradeoff_risk_and_ess_by_hand():
     out = tradeoff(losses, weights, features, torch.tensor([0, 1, 1, 1]))
     assert out.weighted_risk.item() == pytest.approx((2 + 2 + 3) / 4)
     assert out.ess.item() == pytest.approx(16 / 6)
-    assert torch.isfinite(out.task_shift)
     assert torch.isnan(tradeoff(losses, weights, features, torch.ones(4)).task_shift)
+
+
+def test_task_shift_grows_with_a_shifted_synthetic_cloud_and_with_the_weight_on_it():
+    real = torch.randn(6, 3, generator=torch.Generator().manual_seed(0))
+    flags = torch.tensor([0] * 6 + [1] * 6)
+    losses = torch.ones(12)
+
+    def shift(synthetic, synthetic_weights):
+        weights = torch.cat([torch.ones(6), synthetic_weights])
+        return tradeoff(losses, weights, torch.cat([real, synthetic]), flags).task_shift.item()
+
+    assert shift(real.clone(), torch.ones(6)) == pytest.approx(0.0, abs=1e-6)
+    # Half of the synthetic rows copy real ones, the other half sit 4 units away in every coordinate.
+    half_shifted = torch.cat([real[:3], real[3:] + 4.0])
+    uniform = shift(half_shifted, torch.ones(6))
+    assert uniform > 0.05
+    toward_shifted = shift(half_shifted, torch.tensor([0.5, 0.5, 0.5, 2.0, 2.0, 2.0]))
+    toward_copies = shift(half_shifted, torch.tensor([2.0, 2.0, 2.0, 0.5, 0.5, 0.5]))
+    assert toward_copies < uniform < toward_shifted
 
 
 def test_mmd_rejects_bad_shapes():

@@ -1,5 +1,7 @@
 """WeightHead: uniform at init, mean-1 normalisations, clip, regularisers, feature switches."""
 
+import math
+
 import pytest
 import torch
 
@@ -12,48 +14,76 @@ def features(batch=8, seed=0, hidden=16):
     return torch.randn(batch, len(SCALAR_FEATURES), generator=g), torch.randn(batch, hidden, generator=g)
 
 
+@pytest.mark.parametrize("reweight", ["all", "synthetic"])
 @pytest.mark.parametrize("normalization", ["softmax", "sigmoid"])
-def test_zero_init_gives_exactly_uniform_weights(normalization):
-    head = WeightHead(hidden_size=16, normalization=normalization)
+def test_zero_init_gives_exactly_uniform_weights(normalization, reweight):
+    head = WeightHead(hidden_size=16, normalization=normalization, reweight=reweight)
     scalars, pooled = features()
     head.observe(scalars)
-    assert torch.equal(head(scalars, pooled), torch.ones(8))
+    assert torch.equal(head(scalars, pooled, torch.tensor([0, 1] * 4)), torch.ones(8))
+
+
+# Scores chosen so that exp / sigmoid come out as small fractions: the expected weights are worked out by hand.
+LN2, LN3, LN5 = math.log(2), math.log(3), math.log(5)
+
+
+@pytest.mark.parametrize(("normalization", "temperature", "scores", "expected"), [
+    # exp(s) = 1, 2, 5 (sum 8): 3 * (1/8, 2/8, 5/8)
+    ("softmax", 1.0, [0.0, LN2, LN5], [0.375, 0.75, 1.875]),
+    # s / T = 0, ln 3: exp = 1, 3 (sum 4): 2 * (1/4, 3/4)
+    ("softmax", 2.0, [0.0, 2 * LN3], [0.5, 1.5]),
+    # sigmoid(-ln 3, 0, ln 3) = 1/4, 1/2, 3/4 (mean 1/2)
+    ("sigmoid", 1.0, [-LN3, 0.0, LN3], [0.5, 1.0, 1.5]),
+    ("sigmoid", 0.5, [-LN3 / 2, 0.0, LN3 / 2], [0.5, 1.0, 1.5]),
+])
+def test_normalised_weights_match_hand_computed_values(normalization, temperature, scores, expected):
+    head = WeightHead(hidden_size=16, normalization=normalization, temperature=temperature)
+    torch.testing.assert_close(head.normalize(torch.tensor(scores)), torch.tensor(expected))
 
 
 @pytest.mark.parametrize("normalization", ["softmax", "sigmoid"])
-def test_weights_have_mean_one_and_follow_scores(normalization):
+def test_weights_have_mean_one_and_keep_the_order_of_the_scores(normalization):
     head = WeightHead(hidden_size=16, normalization=normalization, temperature=0.5)
-    scores = torch.tensor([0.0, 1.0, -1.0, 2.0])
+    scores = torch.randn(16, generator=torch.Generator().manual_seed(3))
     w = head.normalize(scores)
     torch.testing.assert_close(w.mean(), torch.tensor(1.0))
     assert torch.equal(torch.argsort(w), torch.argsort(scores))
-    if normalization == "softmax":
-        expected = 4 * torch.softmax(scores / 0.5, 0)
-    else:
-        s = torch.sigmoid(scores / 0.5)
-        expected = s / s.mean()
-    torch.testing.assert_close(w, expected)
+    assert (w > 0).all()
 
 
-def test_clip_bounds_weights_before_renormalising():
+@pytest.mark.parametrize("normalization", ["softmax", "sigmoid"])
+def test_a_higher_temperature_flattens_the_weights_toward_uniform(normalization):
+    scores = torch.tensor([0.0, 5.0, -3.0, 8.0])
+
+    def weights(temperature):
+        return WeightHead(hidden_size=16, normalization=normalization, temperature=temperature).normalize(scores)
+
+    spread = [float(weights(t).max() - weights(t).min()) for t in (0.5, 1.0, 10.0, 100.0)]
+    assert spread[0] > 1.0 and all(a > b for a, b in zip(spread, spread[1:])), spread
+    torch.testing.assert_close(weights(1e6), torch.ones(4), atol=1e-5, rtol=0)
+
+
+def test_clip_that_does_not_bind_leaves_the_weights_unchanged():
     head = WeightHead(hidden_size=16, clip=2.0)
-    w = head.normalize(torch.tensor([10.0, 0.0, 0.0, 0.0]))
-    # The clip applies to the mean-1 weights, which are then renormalised once (documented in WeightHead).
-    torch.testing.assert_close(w.mean(), torch.tensor(1.0))
-    raw = 4 * torch.softmax(torch.tensor([10.0, 0.0, 0.0, 0.0]), 0)
-    clipped = raw.clamp(max=2.0)
-    torch.testing.assert_close(w, clipped / clipped.mean())
+    torch.testing.assert_close(head.normalize(torch.tensor([0.0, LN2, LN5])), torch.tensor([0.375, 0.75, 1.875]))
+
+
+def test_clip_bounds_the_largest_weight_after_renormalising():
+    head = WeightHead(hidden_size=16, clip=2.0)
+    # Unclipped: exp = 6, 1, 1 (sum 8) → 3 * (6/8, 1/8, 1/8) = 2.25, 0.375, 0.375. Capped at 2, the remaining mass
+    # of 1 goes to the other two rows in their original proportion (equal): 0.5 each.
+    w = head.normalize(torch.tensor([math.log(6), 0.0, 0.0]))
+    assert w.max() <= 2.0 + 1e-6
+    torch.testing.assert_close(w, torch.tensor([2.0, 0.5, 0.5]))
 
 
 def test_reweight_synthetic_keeps_real_rows_at_one_and_normalises_the_synthetic_ones_among_themselves():
     head = WeightHead(hidden_size=16, reweight="synthetic")
-    scores = torch.tensor([5.0, 1.0, 0.0, -1.0, 9.0], requires_grad=True)
+    # Real rows get large scores on purpose: they must be ignored. Synthetic scores 0, ln 2, ln 5 as above.
+    scores = torch.tensor([5.0, 0.0, LN2, LN5, 9.0], requires_grad=True)
     synthetic = torch.tensor([0, 1, 1, 1, 0])
     w = head.normalize(scores, synthetic)
-    # Hand values: real rows 1; synthetic rows 3·softmax([1, 0, -1]).
-    e = torch.exp(torch.tensor([1.0, 0.0, -1.0]))
-    torch.testing.assert_close(w.detach(), torch.cat([torch.ones(1), 3 * e / e.sum(), torch.ones(1)]))
-    torch.testing.assert_close(w.mean().detach(), torch.tensor(1.0))
+    torch.testing.assert_close(w.detach(), torch.tensor([1.0, 0.375, 0.75, 1.875, 1.0]))
     # The head's gradient flows through the synthetic rows only.
     (w * torch.tensor([1.0, 2.0, -1.0, 0.5, 1.0])).sum().backward()
     assert scores.grad[[0, 4]].abs().sum() == 0 and scores.grad[1:4].abs().sum() > 0
