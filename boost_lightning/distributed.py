@@ -16,7 +16,8 @@ What BOOST synchronises, and why (see ``BoostModule``):
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import contextlib
+from collections.abc import Iterable, Iterator, Sequence
 
 import torch
 import torch.distributed as dist
@@ -26,16 +27,6 @@ from torch import Tensor
 def is_distributed() -> bool:
     """True when a process group with more than one rank is running."""
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
-
-
-def world_size() -> int:
-    """Number of ranks (1 without a process group)."""
-    return dist.get_world_size() if is_distributed() else 1
-
-
-def rank() -> int:
-    """This process's global rank (0 without a process group)."""
-    return dist.get_rank() if is_distributed() else 0
 
 
 def _all_reduce(x: Tensor, op) -> Tensor:
@@ -56,11 +47,6 @@ def all_reduce_mean(x: Tensor) -> Tensor:
     if not is_distributed():
         return x
     return all_reduce_sum(x) / dist.get_world_size()
-
-
-def all_reduce_min(x: Tensor) -> Tensor:
-    """Minimum over ranks of ``x`` (e.g. of a 0/1 "all finite" flag). Not differentiable."""
-    return _all_reduce(x, dist.ReduceOp.MIN)
 
 
 def all_gather_rows(x: Tensor) -> tuple[Tensor, slice]:
@@ -107,6 +93,31 @@ def all_reduce_tensors_(tensors: Iterable[Tensor], op: str = "sum") -> None:
         if op == "mean":
             flat /= dist.get_world_size()
         _unflatten_into(flat, group)
+
+
+@contextlib.contextmanager
+def summed_gradients(params: Sequence[Tensor]) -> Iterator[None]:
+    """Backward passes run inside add to ``params``' gradients locally; on exit the increment is summed over ranks.
+
+    Gradients accumulated before entering (earlier batches of an accumulation cycle) are already global, so only this
+    block's increment is reduced: one flattened all-reduce, the bytes DDP's reducer would move. Parameters without a
+    gradient stay without one, as in one process. The identity without a process group.
+    """
+    if not is_distributed():
+        yield
+        return
+    prior = [None if p.grad is None else p.grad.clone() for p in params]
+    yield
+    grads = []
+    for p, before in zip(params, prior):
+        if p.grad is not None:
+            if before is not None:
+                p.grad.sub_(before)
+            grads.append(p.grad)
+    all_reduce_tensors_(grads, op="sum")
+    for p, before in zip(params, prior):
+        if p.grad is not None and before is not None:
+            p.grad.add_(before)
 
 
 def broadcast_tensors_(tensors: Iterable[Tensor], src: int = 0) -> None:

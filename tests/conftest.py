@@ -116,3 +116,87 @@ def isolated_cache(tmp_path_factory):
         os.environ.pop("BOOST_LIGHTNING_CACHE")
     else:
         os.environ["BOOST_LIGHTNING_CACHE"] = old
+
+
+@pytest.fixture(scope="session")
+def embedded_root(tmp_path_factory):
+    """A cache root shared by the whole session, apart from the user's cache; ``embedded_data`` generates into it."""
+    return tmp_path_factory.mktemp("embedded-cache")
+
+
+@pytest.fixture(scope="session")
+def embedded_data(embedded_root):
+    """``embedded_data(task)``: the paths of ``embedded_splits(task)`` with the default settings (what the specs
+    ``embedded:<task>/<split>`` and ``embedded:<task>`` stand for), generated on the first request of the session and
+    shared by every later one."""
+    from boost_lightning.envs.embedded import embedded_splits
+
+    def splits(task: str) -> dict:
+        return embedded_splits(task, cache_dir=embedded_root / "embedded")
+
+    return splits
+
+
+@pytest.fixture()
+def embedded_specs(embedded_root, monkeypatch):
+    """``$BOOST_LIGHTNING_CACHE`` set to ``embedded_root`` for one test, so ``embedded:`` specs read the session's
+    data. Other cache kinds then land there too: pass an explicit ``cache_dir`` where a test needs a fresh one."""
+    monkeypatch.setenv("BOOST_LIGHTNING_CACHE", str(embedded_root))
+    return embedded_root
+
+
+# ---- BoostModule on the tiny LoRA Llama: one set of helpers for every module-level test ---------------------------
+def batch_items(vocab_size: int, steps: int = 4, batch_size: int = 4, seed: int = 0) -> list[dict]:
+    """``steps`` training items ``{"inner": batch, "outer": batch}`` of random tokens (``random_batch``)."""
+    return [{"inner": random_batch(vocab_size, batch_size, seed=seed + i),
+             "outer": random_batch(vocab_size, batch_size, seed=1000 + seed + i)} for i in range(steps)]
+
+
+@pytest.fixture()
+def make_module(tiny_llama_config):
+    """``make_module(weighting="learned", **kwargs)``: a ``BoostModule`` on a fresh tiny LoRA Llama (seed 0).
+
+    Both levels default to plain SGD (policy lr 0.1, head lr 1.0), so every update is a readable function of its
+    gradient; pass ``policy_optimizer`` / ``head_optimizer`` for Adam.
+    """
+    import torch
+
+    from boost_lightning.models import PolicyModel
+    from boost_lightning.module import BoostModule
+
+    def make(weighting="learned", **kwargs):
+        kwargs.setdefault("policy_optimizer", lambda p: torch.optim.SGD(p, lr=0.1))
+        kwargs.setdefault("head_optimizer", lambda p: torch.optim.SGD(p, lr=1.0))
+        return BoostModule(PolicyModel(config=tiny_llama_config, r=4, lora_alpha=8, seed=0), weighting, **kwargs)
+
+    return make
+
+
+@pytest.fixture()
+def fit_module():
+    """``fit_module(module, items_or_loader, callbacks=(), max_epochs=1, ckpt_path=None, **trainer_kwargs)``: a CPU
+    ``Trainer`` without logger, checkpoints or progress bar, logging every step; returns the trainer."""
+    from lightning.pytorch import Trainer
+    from torch.utils.data import DataLoader
+
+    def fit(module, data, callbacks=(), max_epochs=1, ckpt_path=None, **trainer_kwargs):
+        if isinstance(data, list):
+            data = DataLoader(data, batch_size=None)
+        trainer_kwargs.setdefault("logger", False)
+        trainer_kwargs.setdefault("enable_checkpointing", False)
+        trainer = Trainer(max_epochs=max_epochs, enable_progress_bar=False, enable_model_summary=False,
+                          accelerator="cpu", log_every_n_steps=1, callbacks=list(callbacks), **trainer_kwargs)
+        trainer.fit(module, train_dataloaders=data, ckpt_path=ckpt_path)
+        return trainer
+
+    return fit
+
+
+@pytest.fixture()
+def make_items(tiny_llama_config):
+    """``make_items(steps=4, batch_size=4, seed=0)``: training items of random tokens in the tiny Llama's vocabulary."""
+
+    def make(steps: int = 4, batch_size: int = 4, seed: int = 0) -> list[dict]:
+        return batch_items(tiny_llama_config["vocab_size"], steps, batch_size, seed)
+
+    return make

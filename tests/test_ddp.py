@@ -23,8 +23,8 @@ import torch.multiprocessing as mp
 
 from boost_lightning import distributed as dp
 from boost_lightning.bilevel.hypergradient import exact_hypergradient, first_order_hypergradient
-from boost_lightning.models.weight_head import WeightHead
 from boost_lightning.objectives import weighted_loss
+from boost_lightning.weightings import ReturnFilter
 
 ROOT = Path(__file__).resolve().parents[1]
 ATOL = 1e-5
@@ -37,7 +37,10 @@ def _toy(n_inner: int = 6, n_val: int = 4, dim: int = 5):
     g = torch.Generator().manual_seed(0)
     return {"theta": torch.randn(dim, generator=g), "x": torch.randn(n_inner, dim, generator=g),
             "c": torch.rand(n_inner, generator=g) + 0.5, "y": torch.randn(n_val, dim, generator=g),
-            "w": torch.rand(n_inner, generator=g) + 0.5}
+            "w": torch.rand(n_inner, generator=g) + 0.5,
+            # weighting inputs: source, reward, length, turns
+            "rows": torch.stack([torch.tensor([0.0, 1, 1, 1, 1, 0]), torch.tensor([0.5, 0.9, 0.8, 0.1, 0.2, 0.3]),
+                                 torch.full((n_inner,), 10.0), torch.ones(n_inner)], dim=1)}
 
 
 def _inner(x, c):
@@ -61,14 +64,19 @@ def _math_worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
         theta = t["theta"].clone().requires_grad_(True)
         losses = _inner(t["x"][mine], t["c"][mine])({"theta": theta})
         total = dp.all_reduce_sum(t["w"][mine].sum())
-        weighted_loss(losses, t["w"][mine], total).backward()
-        grad = theta.grad.clone()
-        dp.all_reduce_tensors_([grad], op="sum")
+        theta.grad = torch.ones_like(theta)  # an earlier batch of the accumulation cycle (already global)
+        with dp.summed_gradients([theta]):
+            weighted_loss(losses, t["w"][mine], total).backward()
+        grad = theta.grad.clone() - 1
+        # A batch statistic (the top half of the synthetic rows by return) taken on the gathered global batch.
+        table, local = dp.all_gather_rows(t["rows"][mine])
+        filtered = ReturnFilter(0.5)(table)[local]
         # Uneven shards: rank r holds r + 2 rows.
         uneven, rows = dp.all_gather_rows(torch.arange(rank + 2, dtype=torch.float32).unsqueeze(1) + 10 * rank)
         torch.save({"fo": dp.all_gather_cat(fo.grad_weights), "fo_val": fo.val_loss, "fo_v": fo.v_norm,
                     "ex": dp.all_gather_cat(ex.grad_weights), "ex_val": ex.val_loss, "grad": grad,
-                    "uneven": uneven, "rows": (rows.start, rows.stop)}, Path(out_dir) / f"rank{rank}.pt")
+                    "uneven": uneven, "rows": (rows.start, rows.stop), "filtered": filtered},
+                   Path(out_dir) / f"rank{rank}.pt")
     finally:
         dist.destroy_process_group()
 
@@ -95,13 +103,17 @@ def test_distributed_math_on_two_gloo_ranks_equals_one_process(tmp_path):
         torch.testing.assert_close(r["grad"], theta.grad, rtol=0, atol=ATOL)
         assert r["uneven"].squeeze(1).tolist() == [0.0, 1.0, 10.0, 11.0, 12.0]
     assert ranks[0]["rows"] == (0, 2) and ranks[1]["rows"] == (2, 5)
+    # Each rank's weights are its rows of the one-process weights, not a filter of its own shard.
+    assert torch.equal(torch.cat([r["filtered"] for r in ranks]), ReturnFilter(0.5)(t["rows"]))
+    per_shard = torch.cat([ReturnFilter(0.5)(t["rows"][:3]), ReturnFilter(0.5)(t["rows"][3:])])
+    assert not torch.equal(per_shard, ReturnFilter(0.5)(t["rows"]))  # the gather matters on this batch
     assert torch.equal(ranks[0]["fo"], ranks[1]["fo"]) and torch.equal(ranks[0]["grad"], ranks[1]["grad"])
     assert fo.grad_weights.shape == (n,) and m == 4
 
 
 def test_helpers_are_identities_without_a_process_group():
     x = torch.arange(6.0).reshape(3, 2)
-    assert not dp.is_distributed() and dp.world_size() == 1 and dp.rank() == 0
+    assert not dp.is_distributed()
     assert dp.all_reduce_sum(x) is x and dp.all_reduce_mean(x) is x
     gathered, rows = dp.all_gather_rows(x)
     assert torch.equal(gathered, x) and rows == slice(0, 3)
@@ -109,44 +121,6 @@ def test_helpers_are_identities_without_a_process_group():
     assert torch.equal(x, torch.arange(6.0).reshape(3, 2))
     with pytest.raises(ValueError, match="op must be"):
         dp.all_reduce_tensors_([x], op="max")
-
-
-def test_gathered_head_weights_equal_the_one_process_weights():
-    head = WeightHead(features=["loss", "reward"], normalization="sigmoid", regularizer="ess",
-                      regularizer_strength=0.1)
-    with torch.no_grad():
-        head.mlp[-1].weight.normal_()
-    scalars = torch.randn(8, 2)
-    full = head(scalars)
-    # What each of 2 ranks does: its shard's features are gathered (rank order), the head runs on all, keeps its rows.
-    shards = scalars.chunk(2)
-    assert torch.equal(head(torch.cat(shards))[4:], full[4:])
-    assert abs(float(full.detach().mean()) - 1.0) < 1e-6
-
-
-# ---- sharding: the union of the ranks' batches is the 1-process batch of W × batch_size ---------------------------
-@pytest.mark.parametrize("num_real,num_synthetic,real_fraction", [(5, 13, None), (6, 18, 0.25)])
-def test_rank_shards_union_is_the_one_process_global_batch(num_real, num_synthetic, real_fraction):
-    from boost_lightning.data.datamodule import MixedSampler
-
-    world, per_rank = 2, 4
-    single = MixedSampler(num_real, num_synthetic, per_rank * world, real_fraction, seed=3).batches()
-    shards = [MixedSampler(num_real, num_synthetic, per_rank, real_fraction, seed=3, rank=r, world_size=world)
-              .batches() for r in range(world)]
-    assert all(len(s) == len(single) for s in shards)
-    for step, batch in enumerate(single):
-        union = [i for s in shards for i in s[step]]
-        assert sorted(union) == sorted(batch)
-        if real_fraction is None:
-            assert union == batch  # rank order is row order: gathered tensors are the 1-process batch
-
-
-def test_validation_shards_are_disjoint_and_unpadded():
-    from boost_lightning.data.datamodule import ShardSampler
-
-    shards = [list(ShardSampler(7, rank=r, world_size=3)) for r in range(3)]
-    assert sorted(i for s in shards for i in s) == list(range(7))
-    assert [len(ShardSampler(7, rank=r, world_size=3)) for r in range(3)] == [3, 2, 2]
 
 
 # ---- end to end: the CLI under Lightning's `ddp` strategy, 2 gloo processes vs 1 -----------------------------------
@@ -159,11 +133,13 @@ out, args = sys.argv[1], sys.argv[2:]
 cli = cli_main(args, run=False)
 trainer, model = cli.trainer, cli.model
 trainable = {n for n, p in model.named_parameters() if p.requires_grad}
-start = {k: v.detach().cpu().clone() for k, v in model.state_dict().items() if k in trainable or k.startswith("head.")}
+start = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()
+         if k in trainable or k.startswith("weighting.")}
 trainer.fit(model, datamodule=cli.datamodule)
 val = trainer.validate(model, datamodule=cli.datamodule, verbose=False)[0]
 trainer.predict(model, datamodule=cli.datamodule, return_predictions=False)
-state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items() if k in trainable or k.startswith("head.")}
+state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()
+         if k in trainable or k.startswith("weighting.")}
 torch.save({"state": state, "start": start, "val": float(val["val/loss"]), "inner_steps": model.inner_steps,
             "outer_steps": model.outer_steps, "world": trainer.world_size}, f"{out}/rank{trainer.global_rank}.pt")
 '''
@@ -186,10 +162,10 @@ def ddp_setup(tmp_path, make_row, write_jsonl, tiny_tokenizer, tiny_llama_config
                        "init_args": {"config": tiny_llama_config, "r": 4, "lora_alpha": 8, "lora_dropout": 0.0}},
             # Sigmoid normalisation: under softmax the last bias is a gauge (its gradient is rounding noise, which
             # Adam turns into steps of size lr in both runs alike) and could not be compared.
-            "head": {"class_path": "boost_lightning.models.WeightHead",
-                     "init_args": {"hidden_projection": 8, "mlp_width": 16, "normalization": "sigmoid",
-                                   "regularizer": "ess",
-                                   "regularizer_strength": 0.1}},
+            "weighting": {"class_path": "boost_lightning.weightings.Learned", "init_args": {"head": {
+                "class_path": "boost_lightning.models.WeightHead",
+                "init_args": {"hidden_projection": 8, "mlp_width": 16, "normalization": "sigmoid",
+                              "regularizer": "ess", "regularizer_strength": 0.1}}}},
             "policy_optimizer": {"class_path": "torch.optim.AdamW", "init_args": {"lr": 0.01}},
             "head_optimizer": {"class_path": "torch.optim.Adam", "init_args": {"lr": 0.02}},
             "max_inner_steps": 4,
@@ -233,13 +209,13 @@ def test_two_process_ddp_run_equals_one_process_run_on_the_same_global_batch(ddp
     # The 2-process run equals the 1-process run on the same global batch, up to reduction order.
     moved = set()
     for key, value in one["state"].items():
-        atol = HEAD_ATOL if key.startswith("head.") else ATOL
+        atol = HEAD_ATOL if key.startswith("weighting.") else ATOL
         torch.testing.assert_close(two[0]["state"][key], value, rtol=0, atol=atol, msg=lambda m, k=key: f"{k}: {m}")
         drift = (value.double() - one["start"][key].double()).abs().max()
         if ".norm." not in key and drift > 10 * HEAD_ATOL:  # parameters, not the head's feature statistics
             moved.add(key.split(".")[0])
     # Both levels moved well beyond the tolerance, so the comparison means something.
-    assert moved == ({"policy", "head"} if weighting == "learned" else {"policy"})
+    assert moved == ({"policy", "weighting"} if weighting == "learned" else {"policy"})
     assert two[0]["val"] == pytest.approx(one["val"], abs=ATOL)
     # predict under DDP: rank zero writes one complete file with every row once, equal to the 1-process file.
     rows2 = [json.loads(line) for line in (ddp_setup / "two" / "weights.jsonl").read_text().splitlines()]

@@ -7,36 +7,27 @@ import copy
 
 import pytest
 import torch
-from lightning.pytorch import Callback, Trainer
-from torch.utils.data import DataLoader
+from lightning.pytorch import Callback
 
 from boost_lightning.bench.batches import random_batch
+from boost_lightning.bilevel import policy as bilevel_policy
 from boost_lightning.bilevel.hypergradient import Hypergradient, first_order_hypergradient
-from boost_lightning.models import PolicyModel, WeightHead
-from boost_lightning.module import BoostModule, FaultLimitError
+from boost_lightning.models import PolicyModel
+from boost_lightning.module import FaultLimitError
 from boost_lightning.objectives import weighted_loss
 
 STEPS = 3
 FAULTY = 1  # index of the batch that gets the fault
 
 
-def make_module(config, **kw):
-    policy = PolicyModel(config=config, r=4, lora_alpha=8, seed=0)
-    kw.setdefault("policy_optimizer", lambda p: torch.optim.AdamW(p, lr=1e-2))
-    kw.setdefault("head_optimizer", lambda p: torch.optim.Adam(p, lr=1e-2))
-    return BoostModule(policy, WeightHead(), **kw)
+# Adam at both levels: its moment estimates and step counts are state a skipped step must not touch.
+ADAM = {"policy_optimizer": lambda p: torch.optim.AdamW(p, lr=1e-2),
+        "head_optimizer": lambda p: torch.optim.Adam(p, lr=1e-2)}
 
 
 def batches(vocab, steps=STEPS, size=4):
     return [{"inner": random_batch(vocab, size, seed=i), "outer": random_batch(vocab, size, seed=100 + i)}
             for i in range(steps)]
-
-
-def fit(module, items, callbacks=()):
-    trainer = Trainer(max_epochs=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                      enable_model_summary=False, accelerator="cpu", log_every_n_steps=1, callbacks=list(callbacks))
-    trainer.fit(module, train_dataloaders=DataLoader(items, batch_size=None))
-    return trainer
 
 
 class Around(Callback):
@@ -103,66 +94,67 @@ def _hook(select):
 
 
 def nan_hypergradient(module):
-    real = module._hypergradient
+    # Poison what the estimator returns; the module's own check must catch it.
+    real = first_order_hypergradient
 
     def broken(*args, **kwargs):
-        hg, rows = real(*args, **kwargs)
-        return Hypergradient(hg.grad_weights * float("nan"), hg.val_loss, hg.v_norm, hg.directional), rows
+        hg = real(*args, **kwargs)
+        return Hypergradient(hg.grad_weights * float("nan"), hg.val_loss, hg.v_norm, hg.directional)
 
-    module._hypergradient = broken
+    bilevel_policy.first_order_hypergradient = broken
 
 
 def restore_hypergradient(module):
-    del module._hypergradient
+    bilevel_policy.first_order_hypergradient = first_order_hypergradient
 
 
 CASES = {
     # name: (module kwargs, batch edit, injection before the batch, cleanup after it, fault kind)
     "nan_reward": ({}, nan_reward, None, None, "weights"),
-    "inf_inner_loss": ({"weighting": "uniform", "objective": "reward_weighted"}, huge_reward, None, None,
+    "inf_inner_loss": ({"weighting": "uniform", "objective": "rwr"}, huge_reward, None, None,
                        "inner_loss"),
     "nan_policy_grad": ({}, None, *_hook(lambda n: "lora_" in n), "grad"),
     "nan_hypergradient": ({}, None, nan_hypergradient, restore_hypergradient, "hypergrad"),
-    "nan_head_grad": ({}, None, *_hook(lambda n: n.startswith("head.")), "hypergrad"),
+    "nan_head_grad": ({}, None, *_hook(lambda n: n.startswith("weighting.head.")), "hypergrad"),
 }
 
 
 @pytest.mark.parametrize("case", list(CASES))
-def test_a_fault_skips_the_step_counts_it_and_changes_nothing(tiny_llama_config, case):
+def test_a_fault_skips_the_step_counts_it_and_changes_nothing(tiny_llama_config, case, make_module, fit_module):
     kwargs, edit, inject, cleanup, kind = CASES[case]
-    module = make_module(tiny_llama_config, **kwargs)
+    module = make_module(**{**ADAM, **kwargs})
     items = batches(tiny_llama_config["vocab_size"])
     if edit is not None:
         edit(items, module)
     spy = Around(before=inject, after=cleanup)
-    fit(module, items, [spy])
+    fit_module(module, items, [spy])
 
     assert_unchanged(spy)  # neither level moved: LoRA, head, feature statistics, optimizer states, counters
     assert module.faults[kind] == 1 and sum(module.faults.values()) == 1, module.faults
     assert spy.logged == {f"faults/{kind}": 1.0}
     # The steps around it ran normally and the consecutive count was reset by the next good step.
     assert module.inner_steps == STEPS - 1
-    assert module._consecutive_faults == 0
-    if module.uses_hypergradient:
+    assert module.guard.consecutive == 0
+    if module.weighting.learns:
         assert module.outer_steps == STEPS - 1
 
 
-def test_k_consecutive_faults_stop_the_run_with_a_clear_error(tiny_llama_config):
-    module = make_module(tiny_llama_config, max_consecutive_faults=3)
+def test_k_consecutive_faults_stop_the_run_with_a_clear_error(tiny_llama_config, make_module, fit_module):
+    module = make_module(**ADAM, max_consecutive_faults=3)
     items = batches(tiny_llama_config["vocab_size"], steps=5)
     for item in items[1:]:
         item["inner"]["reward"][0] = float("nan")
     with pytest.raises(FaultLimitError, match=r"3 consecutive steps skipped .*last: weights.*rewards"):
-        fit(module, items)
+        fit_module(module, items)
     assert module.inner_steps == 1 and module.faults["weights"] == 3
 
 
-def test_isolated_faults_do_not_add_up_to_the_limit(tiny_llama_config):
-    module = make_module(tiny_llama_config, max_consecutive_faults=2)
+def test_isolated_faults_do_not_add_up_to_the_limit(tiny_llama_config, make_module, fit_module):
+    module = make_module(**ADAM, max_consecutive_faults=2)
     items = batches(tiny_llama_config["vocab_size"], steps=5)
     for item in items[::2]:  # faults at 0, 2, 4 with good steps between
         item["inner"]["reward"][0] = float("nan")
-    fit(module, items)
+    fit_module(module, items)
     assert module.faults["weights"] == 3 and module.inner_steps == 2
 
 
@@ -238,12 +230,11 @@ def test_weighted_loss_and_hypergradient_do_not_depend_on_padding(problem, left,
     torch.testing.assert_close(hg.grad_weights, reference[1].grad_weights, rtol=1e-3, atol=1e-5)
 
 
-def test_uniform_weights_reproduce_plain_sft_over_several_steps(tiny_llama_config):
+def test_uniform_weights_reproduce_plain_sft_over_several_steps(tiny_llama_config, make_module, fit_module):
     """BoostModule with ``weighting=uniform`` is LoRA SFT: the same updates as a hand-written mean-NLL loop."""
     items = batches(tiny_llama_config["vocab_size"], steps=3)
-    module = make_module(tiny_llama_config, weighting="uniform", policy_grad_clip=None,
-                         policy_optimizer=lambda p: torch.optim.SGD(p, lr=0.1))
-    fit(module, items)
+    module = make_module("uniform", policy_grad_clip=None, policy_optimizer=lambda p: torch.optim.SGD(p, lr=0.1))
+    fit_module(module, items)
 
     plain = PolicyModel(config=tiny_llama_config, r=4, lora_alpha=8, seed=0)
     params = list(plain.trainable_named_parameters().values())

@@ -19,10 +19,12 @@ import yaml
 from lightning.pytorch import Callback, Trainer, seed_everything
 from lightning.pytorch.callbacks import ModelCheckpoint
 
-from boost_lightning.data.datamodule import BoostDataModule, MixedSampler
+from boost_lightning.data.datamodule import BoostDataModule
+from boost_lightning.data.sampling import MixedSampler
 from boost_lightning.models import PolicyModel, WeightHead
 from boost_lightning.module import BoostModule
 from boost_lightning.preemption import PreemptionCheckpoint, find_last_checkpoint, rng_state, set_rng_state
+from boost_lightning.weightings import Learned
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -68,7 +70,7 @@ def splits(workdir):
 def build(config, splits, tokenizer, cache_dir):
     policy = PolicyModel(config=config, r=4, lora_alpha=8, seed=0)
     module = BoostModule(
-        policy, WeightHead(hidden_projection=8, mlp_width=16),
+        policy, Learned(WeightHead(hidden_projection=8, mlp_width=16)),
         policy_optimizer=lambda p: torch.optim.AdamW(p, lr=1e-2),
         head_optimizer=lambda p: torch.optim.Adam(p, lr=1e-2),
         policy_scheduler=lambda opt: torch.optim.lr_scheduler.StepLR(opt, step_size=3, gamma=0.5),
@@ -118,7 +120,8 @@ def fit(module, data, root, callbacks=(), ckpt_path=None, max_epochs=2):
 
 
 def state(module, trainer):
-    tensors = {k: v.detach().clone() for k, v in module.state_dict().items() if "lora_" in k or k.startswith("head.")}
+    tensors = {k: v.detach().clone() for k, v in module.state_dict().items()
+               if "lora_" in k or k.startswith("weighting.")}
     return tensors, [o.state_dict() for o in trainer.optimizers], [c.scheduler.state_dict()
                                                                      for c in trainer.lr_scheduler_configs]
 
@@ -323,13 +326,13 @@ def cli_config(root: Path, splits: dict, tokenizer_dir: Path, policy_config: dic
         "model": {
             "policy": {"class_path": "boost_lightning.models.PolicyModel",
                        "init_args": {"config": policy_config, "r": 4, "lora_alpha": 8}},
-            "head": {"class_path": "boost_lightning.models.WeightHead",
-                     "init_args": {"hidden_projection": 8, "mlp_width": 16}},
             "policy_optimizer": {"class_path": "torch.optim.AdamW", "init_args": {"lr": 0.01}},
             "head_optimizer": {"class_path": "torch.optim.Adam", "init_args": {"lr": 0.01}},
             "policy_scheduler": {"class_path": "torch.optim.lr_scheduler.StepLR",
                                  "init_args": {"step_size": 3, "gamma": 0.5}},
-            "weighting": "learned",
+            "weighting": {"class_path": "boost_lightning.weightings.Learned", "init_args": {"head": {
+                "class_path": "boost_lightning.models.WeightHead",
+                "init_args": {"hidden_projection": 8, "mlp_width": 16}}}},
         },
         "data": {**splits, "tokenizer": str(tokenizer_dir), "batch_size": 4, "validation_batch_size": 4,
                  "max_length": 128, "cache_dir": str(root / "cache")},
@@ -384,7 +387,7 @@ def test_sigterm_to_a_fit_process_then_ckpt_path_last_equals_the_uninterrupted_r
     got = torch.load(root / "logs" / "run" / "version_1" / "checkpoints" / "last.ckpt", weights_only=True)
     assert expected["boost"]["inner_steps"] == got["boost"]["inner_steps"] == 12
     assert expected["boost"]["outer_steps"] == got["boost"]["outer_steps"] == 12
-    assert any("lora_" in k for k in got["state_dict"]) and any(k.startswith("head.") for k in got["state_dict"])
+    assert any("lora_" in k for k in got["state_dict"]) and any(k.startswith("weighting.") for k in got["state_dict"])
     assert_same(expected["state_dict"], got["state_dict"])
     for a, b in zip(expected["optimizer_states"], got["optimizer_states"]):
         for index, values in a["state"].items():

@@ -34,6 +34,42 @@ Reduce = Callable[[Tensor], Tensor]
 
 
 @dataclass
+class HypergradientOptions:
+    """How the outer level estimates ∂L_val/∂w (``--model.hypergradient.*``).
+
+    Args:
+        method: ``first_order`` (finite differences, no double backward; works with SDPA/flash attention and bf16) or
+            ``exact`` (unrolled step with ``create_graph``; needs eager or math attention; a reference for small
+            models).
+        lookahead_lr: α of the one-step lookahead θ' = θ − α∇L_in. Defaults to the policy optimizer's lr.
+        fd_eps: Norm of the finite-difference probe step along v = ∇L_val.
+        fd_central: Central differences (one more forward of the inner batch per outer step).
+        preconditioner: ``adam``: precondition v with the policy optimizer's second moments, 1/(√v̂ + eps), as an
+            Adam/AdamW step does, so that alignment is measured in the geometry the policy moves in (first-order
+            only; P = I while the optimizer keeps no second moments). ``none``: the lookahead is a plain SGD step.
+        normalize: Divide the per-row hypergradient by its root mean square over the batch before the head's backward
+            (surrogate (1/B)·Σ gᵢwᵢ/rms(g)). Its raw scale follows the policy's lr and loss scale (often ~1e-4), so
+            without this the head regulariser's strength has no fixed meaning; with it, a strength of ≈ 1 weighs the
+            ESS penalty as much as the validation signal.
+    """
+
+    method: str = "first_order"
+    lookahead_lr: float | None = None
+    fd_eps: float = 1e-2
+    fd_central: bool = False
+    preconditioner: str = "adam"
+    normalize: bool = True
+
+    def __post_init__(self) -> None:
+        if self.method not in ("first_order", "exact"):
+            raise ValueError(f"hypergradient method must be 'first_order' or 'exact', got {self.method!r}")
+        if self.preconditioner not in ("none", "adam"):
+            raise ValueError(f"hypergradient preconditioner must be 'none' or 'adam', got {self.preconditioner!r}")
+        if self.fd_eps <= 0:
+            raise ValueError(f"fd_eps must be > 0, got {self.fd_eps}")
+
+
+@dataclass
 class Hypergradient:
     """Result of one hypergradient evaluation.
 

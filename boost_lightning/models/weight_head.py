@@ -187,8 +187,14 @@ class WeightHead(nn.Module):
             sig = torch.sigmoid(z)
             weights = sig / sig.mean()
         if self.clip is not None:
-            weights = weights.clamp(max=self.clip)
-            weights = weights / weights.mean()
+            # Cap, then give the mass cut off to the uncapped rows in proportion; rescaling can lift another row over
+            # the cap, so repeat (each round caps at least one more row; clip > 1 leaves some row uncapped).
+            capped = torch.zeros_like(weights, dtype=torch.bool)
+            while bool((weights > self.clip * (1 + 1e-6)).any()):
+                capped |= weights > self.clip
+                free = weights.masked_fill(capped, 0.0)
+                scale = (batch - self.clip * capped.sum()) / free.sum()
+                weights = torch.where(capped, torch.full_like(weights, self.clip), free * scale)
         return weights
 
     def forward(self, scalars: Tensor, pooled: Tensor | None = None, synthetic: Tensor | None = None) -> Tensor:
@@ -211,3 +217,16 @@ class WeightHead(nn.Module):
 def effective_sample_size(weights: Tensor) -> Tensor:
     """Kish effective sample size (Σw)² / Σw² (equals B for uniform weights)."""
     return weights.sum() ** 2 / (weights.pow(2).sum()).clamp(min=1e-12)
+
+
+def weight_statistics(weights: Tensor, synthetic: Tensor) -> dict[str, Tensor]:
+    """What TensorBoard shows of a batch's weights [N] (``synthetic``: [N] bool): ESS, its fraction of N, the largest
+    weight, the mean weight per source and the synthetic share of the mass."""
+    ess = effective_sample_size(weights)
+    stats = {"weights/ess": ess, "weights/ess_fraction": ess / weights.shape[0], "weights/max": weights.max(),
+             "weights/mass_synthetic": weights[synthetic].sum() / weights.sum().clamp(min=1e-12)}
+    if (~synthetic).any():
+        stats["weights/mean_real"] = weights[~synthetic].mean()
+    if synthetic.any():
+        stats["weights/mean_synthetic"] = weights[synthetic].mean()
+    return stats

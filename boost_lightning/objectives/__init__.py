@@ -2,20 +2,13 @@
 
 from boost_lightning.objectives.reduce import weighted_loss
 from boost_lightning.objectives.trajectory_losses import (
-    advantage_weighted,
-    behaviour_cloning,
-    exponential_weights,
-    filtered_bc,
-    filtered_bc_mask,
-    reward_weighted,
+    AWR,
+    BC,
+    OBJECTIVES,
+    RWR,
+    Objective,
+    TopReturnBC,
+    build_objective,
 )
 
-__all__ = [
-    "advantage_weighted",
-    "behaviour_cloning",
-    "exponential_weights",
-    "filtered_bc",
-    "filtered_bc_mask",
-    "reward_weighted",
-    "weighted_loss",
-]
+__all__ = ["AWR", "BC", "OBJECTIVES", "RWR", "Objective", "TopReturnBC", "build_objective", "weighted_loss"]

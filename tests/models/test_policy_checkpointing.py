@@ -6,9 +6,10 @@ from lightning.pytorch import Trainer
 from torch.utils.data import DataLoader
 
 from boost_lightning.bench.batches import random_batch
-from boost_lightning.bilevel import exact_hypergradient, first_order_hypergradient
+from boost_lightning.bilevel import HypergradientOptions, exact_hypergradient, first_order_hypergradient
 from boost_lightning.models import PolicyModel, WeightHead
 from boost_lightning.module import BoostModule
+from boost_lightning.weightings import Learned
 
 
 def make_policy(config, checkpointing, **kw):
@@ -104,8 +105,9 @@ def _loader(vocab, steps):
 @pytest.mark.parametrize("precision,checkpointing", [("32-true", True), ("bf16-mixed", False)])
 def test_boost_steps_run_with_checkpointing_and_with_bf16_mixed_on_cpu(tiny_llama_config, precision, checkpointing):
     policy = make_policy(tiny_llama_config, checkpointing)
-    module = BoostModule(policy, WeightHead(), policy_optimizer=lambda p: torch.optim.SGD(p, lr=0.1),
-                         head_optimizer=lambda p: torch.optim.SGD(p, lr=1.0), lookahead_lr=0.1)
+    module = BoostModule(policy, Learned(WeightHead()), policy_optimizer=lambda p: torch.optim.SGD(p, lr=0.1),
+                         head_optimizer=lambda p: torch.optim.SGD(p, lr=1.0),
+                         hypergradient=HypergradientOptions(lookahead_lr=0.1))
     before = {n: p.detach().clone() for n, p in module.named_parameters()}
     trainer = Trainer(max_epochs=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
                       enable_model_summary=False, accelerator="cpu", precision=precision)

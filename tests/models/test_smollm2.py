@@ -65,10 +65,12 @@ def test_answers_a_fixed_prompt_sensibly(converted):
 def test_boost_trains_lora_and_head_on_maze_data_with_the_smollm2_tokenizer(converted, tmp_path):
     from lightning.pytorch import Trainer
 
+    from boost_lightning.bilevel import HypergradientOptions
     from boost_lightning.data.datamodule import BoostDataModule
     from boost_lightning.envs.embedded import ensure_embedded
     from boost_lightning.models import PolicyModel, WeightHead
     from boost_lightning.module import BoostModule
+    from boost_lightning.weightings import Learned
 
     # A few real, synthetic and validation rows of the embedded maze task, short enough for CPU.
     data = ensure_embedded("maze")
@@ -83,8 +85,9 @@ def test_boost_trains_lora_and_head_on_maze_data_with_the_smollm2_tokenizer(conv
 
     policy = PolicyModel(model_name_or_path=ALIAS, r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"])
     # lookahead_lr well above the policy lr: the one-step lookahead's α only scales the hypergradient.
-    module = BoostModule(policy, WeightHead(), policy_optimizer=lambda p: torch.optim.AdamW(p, lr=3e-3),
-                         head_optimizer=lambda p: torch.optim.Adam(p, lr=1e-1), lookahead_lr=1.0,
+    module = BoostModule(policy, Learned(WeightHead()), policy_optimizer=lambda p: torch.optim.AdamW(p, lr=3e-3),
+                         head_optimizer=lambda p: torch.optim.Adam(p, lr=1e-1),
+                         hypergradient=HypergradientOptions(lookahead_lr=1.0),
                          outer_every_n_steps=1, max_inner_steps=3)
     before = {n: p.detach().clone() for n, p in module.named_parameters()}
     frozen = [n for n, p in module.named_parameters() if not p.requires_grad]

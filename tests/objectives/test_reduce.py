@@ -1,14 +1,11 @@
 """The weighted reduction and the per-trajectory objectives, against hand-derived values."""
 
+import math
+
+import pytest
 import torch
 
-from boost_lightning.objectives import (
-    advantage_weighted,
-    behaviour_cloning,
-    filtered_bc,
-    reward_weighted,
-    weighted_loss,
-)
+from boost_lightning.objectives import AWR, BC, RWR, TopReturnBC, build_objective, weighted_loss
 
 
 def test_weighted_loss_hand_value():
@@ -38,13 +35,21 @@ def test_micro_batch_split_does_not_change_loss_or_gradient():
         torch.testing.assert_close(grad_split, grad_full)
 
 
-def test_objectives_hand_values():
-    nll = torch.tensor([1.0, 2.0, 3.0, 4.0])
+def test_objective_multipliers_hand_values():
     reward = torch.tensor([0.0, 1.0, 2.0, 3.0])
-    assert torch.equal(behaviour_cloning(nll, reward), nll)
-    assert torch.equal(filtered_bc(nll, reward, 0.5), torch.tensor([0.0, 0.0, 3.0, 4.0]))
-    # exp(β(R − max R)) with β = 1
-    torch.testing.assert_close(reward_weighted(nll, reward), nll * torch.exp(reward - 3.0))
-    # exp(β(R − mean R)) clipped at 2
-    expected = nll * torch.exp(reward - 1.5).clamp(max=2.0)
-    torch.testing.assert_close(advantage_weighted(nll, reward, max_weight=2.0), expected)
+    assert torch.equal(BC().multiplier(reward), torch.ones(4))
+    assert torch.equal(TopReturnBC(0.5).multiplier(reward), torch.tensor([0.0, 0.0, 1.0, 1.0]))
+    # exp(β(R − max R)), β = 1: 1 for the best row, e⁻³ for the worst
+    rwr = RWR().multiplier(reward)
+    assert rwr[3].item() == 1.0 and rwr[0].item() == pytest.approx(math.exp(-3.0))
+    # exp(β(R − mean R)) clipped at 2: mean 1.5, so e^-1.5, e^-0.5, e^0.5 and e^1.5 clipped to 2
+    awr = AWR(max_multiplier=2.0).multiplier(reward)
+    torch.testing.assert_close(awr, torch.tensor([math.exp(-1.5), math.exp(-0.5), math.exp(0.5), 2.0]))
+
+
+def test_objectives_multiply_the_nll_row_by_row():
+    nll, reward = torch.tensor([1.0, 2.0, 3.0, 4.0]), torch.tensor([0.0, 1.0, 2.0, 3.0])
+    assert torch.equal(TopReturnBC(0.5)(nll, reward), torch.tensor([0.0, 0.0, 3.0, 4.0]))
+    assert build_objective("bc").__class__ is BC
+    with pytest.raises(ValueError, match="unknown objective 'reward_weighted'"):
+        build_objective("reward_weighted")

@@ -1,0 +1,74 @@
+"""The hypergradient of a LoRA policy's validation loss with respect to the weights of one inner batch.
+
+Binds :func:`~boost_lightning.bilevel.hypergradient.first_order_hypergradient` /
+:func:`~boost_lightning.bilevel.hypergradient.exact_hypergradient` to a :class:`~boost_lightning.models.PolicyModel`
+and a pair of collated batches (plain torch; data parallel through :mod:`boost_lightning.distributed`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from boost_lightning import distributed as dp
+from boost_lightning.bilevel.hypergradient import (
+    Hypergradient,
+    HypergradientOptions,
+    exact_hypergradient,
+    first_order_hypergradient,
+)
+from boost_lightning.bilevel.preconditioner import adam_preconditioner
+from boost_lightning.models.policy import PolicyModel
+
+
+def policy_hypergradient(
+    policy: PolicyModel,
+    inner: Mapping[str, Any],
+    outer: Mapping[str, Any],
+    options: HypergradientOptions,
+    optimizer: torch.optim.Optimizer,
+    multiplier: Tensor,
+    base_losses: Tensor | None = None,
+    weights: Tensor | None = None,
+) -> Hypergradient:
+    """∂L_val(θ')/∂wᵢ for every row of the global inner batch, θ' = one ``optimizer``-shaped step on the weighted loss.
+
+    Args:
+        policy: The policy; its trainable (LoRA) tensors are θ, read and never modified.
+        inner: This rank's inner batch.
+        outer: This rank's validation batch; v = ∇ of the global mean validation loss.
+        options: Method, lookahead lr (default: the optimizer's), probe, preconditioner.
+        optimizer: The policy's optimizer: its lr and, for ``preconditioner="adam"``, its second moments.
+        multiplier: [b] the objective's per-row multiplier mᵢ of this rank's rows (the inner loss is mᵢℓᵢ).
+        base_losses: [b] ℓᵢ(θ) of this rank's rows if already computed (saves one forward, one-sided differences).
+        weights: [b] this rank's weights, the exact method's point of evaluation (default: uniform).
+
+    Returns:
+        The hypergradient with [N] per-row fields of the global batch, identical on every rank.
+    """
+    params = policy.trainable_named_parameters()
+    lr = options.lookahead_lr or optimizer.param_groups[0]["lr"]
+    # Sync point: global inner and validation row counts (one two-element all-reduce per outer step).
+    num_inner, num_val = (int(n) for n in dp.all_reduce_sum(torch.tensor(
+        [inner["input_ids"].shape[0], outer["input_ids"].shape[0]], device=multiplier.device)))
+    inner_fn = lambda p: policy.functional_losses(inner, p) * multiplier  # noqa: E731
+    # This rank's term of the global mean validation loss; `all_reduce` sums the terms (and their gradients).
+    val_fn = lambda p: policy.functional_losses(outer, p).sum() / num_val  # noqa: E731
+    all_reduce = dp.all_reduce_sum if dp.is_distributed() else None
+    if options.method == "exact":
+        weights = torch.ones_like(multiplier) if weights is None else weights
+        local = exact_hypergradient(params, inner_fn, val_fn, weights, lr, batch_size=num_inner, all_reduce=all_reduce)
+    else:
+        precondition = (adam_preconditioner(optimizer, list(params.values()))
+                        if options.preconditioner == "adam" else None)
+        base = None if options.fd_central or base_losses is None else base_losses * multiplier
+        local = first_order_hypergradient(params, inner_fn, val_fn, lr, base_losses=base, eps=options.fd_eps,
+                                          central=options.fd_central, batch_size=num_inner, all_reduce=all_reduce,
+                                          precondition=precondition)
+    # Sync point: every rank's rows, so that the head sees the global batch (B·2 floats).
+    table, _ = dp.all_gather_rows(torch.stack([local.grad_weights, local.directional], dim=1))
+    return Hypergradient(grad_weights=table[:, 0], val_loss=local.val_loss, v_norm=local.v_norm,
+                         directional=table[:, 1])
