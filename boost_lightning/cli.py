@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
+import logging
+import warnings
+from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 from lightning.pytorch.cli import LightningCLI
@@ -10,6 +15,9 @@ from boost_lightning.callbacks import TrajectoryWeightWriter, WeightDiagnostics
 from boost_lightning.data.datamodule import BoostDataModule
 from boost_lightning.module import BoostModule
 from boost_lightning.preemption import PreemptionCheckpoint, resolve_ckpt_path
+
+#: In a logger's ``save_dir``: replaced by ``--trainer.default_root_dir`` (the current directory without one).
+ROOT_DIR = "{default_root_dir}"
 
 
 class BoostCLI(LightningCLI):
@@ -23,7 +31,35 @@ class BoostCLI(LightningCLI):
     ``--ckpt_path last`` resumes from the newest ``last*.ckpt`` of the run, whichever logger version wrote it (see
     :func:`boost_lightning.preemption.find_last_checkpoint`). Checkpoints are loaded with ``weights_only=True``
     unless ``--weights_only false`` is given.
+
+    The default logger is a ``TensorBoardLogger`` writing to ``{default_root_dir}/logs/boost``: ``{default_root_dir}``
+    in any logger's ``save_dir`` stands for ``--trainer.default_root_dir`` (the current directory without one), so
+    logs and checkpoints follow the run's root directory unless a ``save_dir`` without it is given. Without a
+    subcommand (``run=False``) the parser also accepts the arguments of the subcommands (``ckpt_path``,
+    ``weights_only``, ...), so that the ``config.yaml`` a run saves next to its logs loads again; they end up in
+    ``cli.config`` and are not used otherwise.
     """
+
+    def setup_parser(self, add_subcommands: bool, main_kwargs: dict[str, Any],
+                     subparser_kwargs: dict[str, Any]) -> None:
+        super().setup_parser(add_subcommands, main_kwargs, subparser_kwargs)
+        if not add_subcommands:
+            # The saved config of a subcommand holds that subcommand's method arguments too.
+            for name, kind, default, what in _SUBCOMMAND_ARGUMENTS:
+                self.parser.add_argument(f"--{name}", type=kind, default=default,
+                                         help=f"{what} (accepted from a saved config; unused without a subcommand)")
+
+    def before_instantiate_classes(self) -> None:
+        """Put ``--trainer.default_root_dir`` in place of ``{default_root_dir}`` in the loggers' ``save_dir``."""
+        config = self.config.get(str(self.subcommand), self.config) if self.subcommand else self.config
+        trainer = config["trainer"]
+        root = trainer.get("default_root_dir") or "."
+        configured = trainer.get("logger")
+        for logger in configured if isinstance(configured, list) else [configured]:
+            init_args = logger.get("init_args") if hasattr(logger, "get") else None
+            save_dir = init_args.get("save_dir") if init_args is not None else None
+            if isinstance(save_dir, str) and ROOT_DIR in save_dir:
+                init_args["save_dir"] = str(Path(save_dir.replace(ROOT_DIR, str(root))))
 
     def add_arguments_to_parser(self, parser) -> None:
         parser.add_lightning_class_args(WeightDiagnostics, "diagnostics")
@@ -54,20 +90,62 @@ class BoostCLI(LightningCLI):
         return self._trainer_call("predict", **kwargs)
 
 
+_SUBCOMMAND_ARGUMENTS: tuple[tuple[str, Any, Any, str], ...] = (
+    ("ckpt_path", str | None, None, "Checkpoint of fit/validate/test/predict"),
+    ("weights_only", bool | None, None, "Load checkpoints with weights_only"),
+    ("verbose", bool, True, "Print validate/test results"),
+    ("return_predictions", bool | None, None, "Keep predict outputs"),
+)
+
+# Console output of every run that tells the user nothing about theirs: matched by message, silenced for the CLI only.
+_KNOWN_NOISE = (
+    # `--ckpt_path last` resumes across logger versions (or into a run without a logger): a new dirpath is the point.
+    r"The dirpath has changed from",
+    # PEFT reads a deprecated transformers property when it wraps the model.
+    r"`is_gradient_checkpointing` is deprecated",
+    # Lightning's own use of a deprecated torch pytree class.
+    r"`isinstance\(treespec, LeafSpec\)` is deprecated",
+)
+
+
+class _DropTips(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("💡 Tip:")
+
+
+@contextlib.contextmanager
+def _quiet_console() -> Iterator[None]:
+    # Scoped to the call, so that a library user importing boost_lightning keeps Lightning's output untouched.
+    tips = _DropTips()
+    rank_zero = logging.getLogger("lightning.pytorch.utilities.rank_zero")
+    rank_zero.addFilter(tips)
+    try:
+        with warnings.catch_warnings():
+            for message in _KNOWN_NOISE:
+                warnings.filterwarnings("ignore", message=message)
+            yield
+    finally:
+        rank_zero.removeFilter(tips)
+
+
 def cli_main(args: list[str] | None = None, run: bool = True) -> BoostCLI:
-    """Run the CLI (``args`` as on the command line; None reads ``sys.argv``)."""
-    return BoostCLI(
-        BoostModule,
-        BoostDataModule,
-        auto_configure_optimizers=False,
-        save_config_kwargs={"overwrite": True},
-        trainer_defaults={
-            "logger": {"class_path": "lightning.pytorch.loggers.TensorBoardLogger",
-                       "init_args": {"save_dir": "logs", "name": "boost"}},
-            # The datamodule shards its own samplers (it keeps the real fraction per inner batch under DDP).
-            "use_distributed_sampler": False,
-            "log_every_n_steps": 10,
-        },
-        args=args,
-        run=run,
-    )
+    """Run the CLI (``args`` as on the command line; None reads ``sys.argv``).
+
+    Lightning's advertising tips and a few known, harmless warnings are silenced while it runs.
+    """
+    with _quiet_console():
+        return BoostCLI(
+            BoostModule,
+            BoostDataModule,
+            auto_configure_optimizers=False,
+            save_config_kwargs={"overwrite": True},
+            trainer_defaults={
+                "logger": {"class_path": "lightning.pytorch.loggers.TensorBoardLogger",
+                           "init_args": {"save_dir": f"{ROOT_DIR}/logs", "name": "boost"}},
+                # The datamodule shards its own samplers (it keeps the real fraction per inner batch under DDP).
+                "use_distributed_sampler": False,
+                "log_every_n_steps": 10,
+            },
+            args=args,
+            run=run,
+        )

@@ -151,13 +151,7 @@ class BoostModule(LightningModule):
 
     def setup(self, stage: str) -> None:
         datamodule = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
-        # A tokenizer larger than the embedding table fails deep inside the first forward; say so up front.
-        tokenizer = getattr(datamodule, "tokenizer", None)
-        if tokenizer is not None and len(tokenizer) > self.policy.vocab_size:
-            raise ValueError(
-                f"the tokenizer has {len(tokenizer)} tokens but the policy's embedding table has "
-                f"{self.policy.vocab_size}: raise `vocab_size` in the policy config (or use the model's own tokenizer)"
-            )
+        self.policy.check_data(getattr(datamodule, "tokenizer", None), getattr(datamodule, "max_length", None))
         # A weighting that keeps one source trains on full batches of that source, not on mixed batches whose other
         # rows weigh nothing (a batch with none of them would be a step on no data).
         if stage == "fit" and self.weighting.keeps != "all" and hasattr(datamodule, "draw_only"):

@@ -161,10 +161,13 @@ def make_module(tiny_llama_config):
     """
     import torch
 
-    from boost_lightning.models import PolicyModel
+    from boost_lightning.models import PolicyModel, WeightHead
     from boost_lightning.module import BoostModule
+    from boost_lightning.weightings import Learned
 
     def make(weighting="learned", **kwargs):
+        if weighting == "learned":  # a fixed head seed: a default one follows whatever an earlier test seeded with
+            weighting = Learned(WeightHead(seed=0))
         kwargs.setdefault("policy_optimizer", lambda p: torch.optim.SGD(p, lr=0.1))
         kwargs.setdefault("head_optimizer", lambda p: torch.optim.SGD(p, lr=1.0))
         return BoostModule(PolicyModel(config=tiny_llama_config, r=4, lora_alpha=8, seed=0), weighting, **kwargs)

@@ -49,7 +49,7 @@ def test_bf16_mixed_boost_trains_with_fused_sdpa_kernels_only():
         trainer.fit(module, train_dataloaders=DataLoader(items, batch_size=None))
     assert module.inner_steps == 3 and module.outer_steps == 3 and sum(module.faults.values()) == 0
     moved = {n for n, p in module.named_parameters() if not torch.equal(before[n], p.detach().cpu())}
-    assert any("lora_" in n for n in moved) and any(n.startswith("head.") for n in moved)
+    assert any("lora_" in n for n in moved) and any(n.startswith("weighting.head.") for n in moved)
 
 
 def test_exact_hypergradient_forces_math_attention_and_matches_eager():

@@ -70,13 +70,13 @@ def splits(workdir):
 def build(config, splits, tokenizer, cache_dir):
     policy = PolicyModel(config=config, r=4, lora_alpha=8, seed=0)
     module = BoostModule(
-        policy, Learned(WeightHead(hidden_projection=8, mlp_width=16)),
+        policy, Learned(WeightHead(hidden_projection=8, mlp_width=16, seed=0)),
         policy_optimizer=lambda p: torch.optim.AdamW(p, lr=1e-2),
         head_optimizer=lambda p: torch.optim.Adam(p, lr=1e-2),
         policy_scheduler=lambda opt: torch.optim.lr_scheduler.StepLR(opt, step_size=3, gamma=0.5),
         head_scheduler=lambda opt: torch.optim.lr_scheduler.StepLR(opt, step_size=2, gamma=0.7),
     )
-    data = BoostDataModule(**splits, tokenizer=tokenizer, batch_size=4, validation_batch_size=4, max_length=128,
+    data = BoostDataModule(**splits, tokenizer=tokenizer, batch_size=4, validation_batch_size=4, max_length=128, seed=0,
                            cache_dir=str(cache_dir))
     return module, data
 
@@ -203,7 +203,8 @@ def test_a_real_signal_mid_step_finishes_the_step_saves_and_exits_cleanly(tiny_t
     assert stopped.value.code in (None, 0)
     assert module.inner_steps == module.outer_steps == 2
     saved = torch.load(preemption.saved_path, weights_only=True)
-    assert saved["boost"]["inner_steps"] == 2 and saved["BoostDataModule"] == {"epoch": 0, "start_batch": 2}
+    assert saved["boost"]["inner_steps"] == 2
+    assert saved["BoostDataModule"].items() >= {"epoch": 0, "start_batch": 2}.items()
     assert signal.getsignal(signal.SIGINT) is before  # handlers are given back
 
 
@@ -265,7 +266,7 @@ def test_fit_checkpoints_load_with_weights_only(tiny_llama_config, tiny_tokenize
     trainer.fit(module, datamodule=data)
     saved = torch.load(tmp_path / "ckpt" / "last.ckpt", weights_only=True)
     assert saved["boost"]["inner_steps"] == 2 and "rng" in saved["boost"]
-    assert saved["BoostDataModule"] == {"epoch": 1, "start_batch": 0}
+    assert saved["BoostDataModule"].items() >= {"epoch": 1, "start_batch": 0}.items()
     assert not any(k.startswith("policy.") and "lora_" not in k for k in saved["state_dict"])
 
 

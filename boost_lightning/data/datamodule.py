@@ -15,6 +15,7 @@ its r-th slice, so rank order is row order; with ``real_fraction`` this holds wh
 from __future__ import annotations
 
 import logging
+import os
 from typing import Any
 
 from datasets import Dataset, concatenate_datasets
@@ -65,7 +66,9 @@ class BoostDataModule(LightningDataModule):
         drop_truncated: Drop rows whose agent tokens are all truncated away (counted in ``num_dropped``, with a
             warning) instead of raising an error.
         num_workers: DataLoader worker processes.
-        seed: Seed of the batch order; the same seed gives the same batches, epoch by epoch.
+        seed: Seed of the batch order; the same seed gives the same batches, epoch by epoch. ``None`` (default): the
+            seed given to ``seed_everything`` (``--seed_everything`` on the command line), or 0 without one; every
+            DDP rank must see the same value.
         cache_dir: Directory of the tokenized-split cache; default ``$BOOST_LIGHTNING_CACHE/datasets`` (see
             :mod:`boost_lightning.cache`).
         predict: Trajectories for ``predict_dataloader`` (e.g. to score every synthetic row); defaults to
@@ -84,7 +87,7 @@ class BoostDataModule(LightningDataModule):
         real_fraction: float | None = None,
         drop_truncated: bool = False,
         num_workers: int = 0,
-        seed: int = 0,
+        seed: int | None = None,
         cache_dir: str | None = None,
         predict: str | Dataset | None = None,
     ) -> None:
@@ -111,7 +114,7 @@ class BoostDataModule(LightningDataModule):
         self.real_fraction = real_fraction
         self.drop_truncated = drop_truncated
         self.num_workers = num_workers
-        self.seed = seed
+        self.seed = int(os.environ.get("PL_GLOBAL_SEED", 0)) if seed is None else seed
         self.cache_dir = cache_dir
         self.splits: dict[str, LoadedSplit] = {}
         self._resume: dict[str, int] | None = None  # position loaded from a checkpoint, for the next train loader
@@ -246,7 +249,7 @@ class BoostDataModule(LightningDataModule):
         return CombinedLoader(loaders, mode="max_size_cycle")
 
     def state_dict(self) -> dict[str, int]:
-        """The position in the training epoch, saved in checkpoints: ``{"epoch", "start_batch"}``.
+        """The position in the training epoch, saved in checkpoints: ``{"epoch", "start_batch", "seed"}``.
 
         Read from the trainer's loop (batches trained so far this epoch), not from the samplers, which the
         dataloader and its workers read ahead of training.
@@ -258,11 +261,15 @@ class BoostDataModule(LightningDataModule):
         epoch, done = loop.epoch_progress.current.completed, loop.epoch_loop.batch_progress.current.processed
         if trainer.num_training_batches != float("inf") and done >= trainer.num_training_batches:
             epoch, done = epoch + 1, 0  # saved at the end of an epoch: the next one starts from its beginning
-        return {"epoch": int(epoch), "start_batch": int(done)}
+        return {"epoch": int(epoch), "start_batch": int(done), "seed": int(self.seed)}
 
     def load_state_dict(self, state_dict: dict[str, int]) -> None:
         """Resume the next ``train_dataloader`` at the saved position (consumed batches are skipped, not read)."""
         self._resume = dict(state_dict) if state_dict else None
+        # The position means something in the saved run's batch order only: a resumed process whose seed came from
+        # another seed_everything (e.g. a random one) keeps the saved seed.
+        if state_dict and "seed" in state_dict:
+            self.seed = int(state_dict["seed"])
 
     def _sequential(self, name: str) -> DataLoader:
         dataset = self._dataset(name)

