@@ -105,6 +105,8 @@ _KNOWN_NOISE = (
     r"`is_gradient_checkpointing` is deprecated",
     # Lightning's own use of a deprecated torch pytree class.
     r"`isinstance\(treespec, LeafSpec\)` is deprecated",
+    # Checkpoints are written after the whole bilevel step (both levels stepped): the state an exact resume needs.
+    r"Using ModelCheckpoint with manual optimization and every_n_train_steps",
 )
 
 
