@@ -240,8 +240,6 @@ class BoostModule(LightningModule):
 
     def _weights(self, rows: _Rows, hypergrad: Hypergradient | None) -> Tensor:
         """Weights [N] of the global batch; raises when they are non-finite or all zero."""
-        if hypergrad is not None:
-            check_finite("hypergrad", hypergrad.grad_weights, hypergrad.val_loss)
         weights = self.weighting(rows.inputs, hypergrad).detach()
         check_finite("weights", weights)
         if not bool((weights > 0).any()):

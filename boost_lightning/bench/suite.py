@@ -467,20 +467,17 @@ def score_pool(module, dm, device, batch_size: int) -> dict[str, Any]:
     """
     import torch
 
-    from boost_lightning.models.features import scalar_features
-
-    head = module.weighting.head
+    weighting = module.weighting
     scores, synthetic, metas = [], [], []
     with torch.no_grad():
         for split in ("real", "synthetic"):
             for batch in _loader(dm, split, batch_size):
                 batch = _to(batch, device)
                 out = module.policy.trajectory_forward(batch)
-                feats = scalar_features(out, batch, head.scalar_names)
-                scores.append(head.scores(feats, out.pooled).float().cpu())
+                scores.append(weighting.scores(weighting.inputs(out, batch)).float().cpu())
                 synthetic += [split == "synthetic"] * out.loss.shape[0]
                 metas += batch["meta"]
-        weights = head.normalize(torch.cat(scores), torch.tensor(synthetic)).tolist()
+        weights = weighting.normalize(torch.cat(scores), torch.tensor(synthetic)).tolist()
     n = len(weights)
     ess = float(effective_sample_size(torch.tensor(weights, dtype=torch.float64))) / max(n, 1)
     syn = [(w, m) for w, m, s in zip(weights, metas, synthetic) if s]
