@@ -3,14 +3,24 @@
 from __future__ import annotations
 
 import json
+import os
 from collections import defaultdict
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
+import pyarrow as pa
+import pyarrow.parquet as pq
 import torch
+from datasets import Dataset
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.callbacks import BasePredictionWriter
 from lightning.pytorch.loggers import TensorBoardLogger
+from lightning.pytorch.utilities import rank_zero_warn
+
+from boost_lightning import cache
+from boost_lightning.data.sources import content_hash, read_rows
+from boost_lightning.data.trajectory import IMPLIED_SOURCE
+from boost_lightning.evaluation import RolloutEvaluation  # noqa: F401  (re-exported: older configs name it here)
 
 
 def _tensorboard(trainer: Trainer):
@@ -78,71 +88,57 @@ class WeightDiagnostics(Callback):
         self._reset()
 
 
-class RolloutEvaluation(Callback):
-    """Play the current policy greedily on held-out task instances and log success.
-
-    Every ``every_n_val_epochs`` validation epochs, ``num_episodes`` instances of ``task`` are played with batched
-    generation (chat template, stop at end of turn); ``rollout/success_rate``, ``rollout/return`` and
-    ``rollout/turns`` are logged and the first ``num_transcripts`` transcripts go to TensorBoard as text, at the
-    module's ``inner_steps``.
-
-    Args:
-        task: Embedded task name (``maze``, ``guess_number``, ``twenty_questions``).
-        every_n_val_epochs: Evaluation interval in validation epochs.
-        num_episodes: Held-out instances played.
-        max_new_tokens: Generation budget per agent turn.
-        batch_size: Episodes generated in parallel.
-        num_transcripts: Transcripts written as TensorBoard text.
-        seed: First seed of the held-out instances.
-    """
-
-    def __init__(self, task: str = "maze", every_n_val_epochs: int = 1, num_episodes: int = 32,
-                 max_new_tokens: int = 24, batch_size: int = 32, num_transcripts: int = 2, seed: int = 10_000) -> None:
-        self.task, self.every_n_val_epochs, self.num_episodes = task, every_n_val_epochs, num_episodes
-        self.max_new_tokens, self.batch_size = max_new_tokens, batch_size
-        self.num_transcripts, self.seed = num_transcripts, seed
-        self._val_epochs = 0
-        self.last_result = None
-
-    def on_validation_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        if trainer.sanity_checking:
-            return
-        self._val_epochs += 1
-        if self._val_epochs % self.every_n_val_epochs != 0 or not trainer.is_global_zero:
-            return
-        from boost_lightning.envs.rollout import evaluate_policy
-
-        result = evaluate_policy(pl_module.policy.model, trainer.datamodule.tokenizer, self.task,
-                                 num_episodes=self.num_episodes, seed=self.seed, max_new_tokens=self.max_new_tokens,
-                                 batch_size=self.batch_size)
-        self.last_result = result
-        pl_module.log_dict({"rollout/success_rate": result.success_rate, "rollout/return": result.mean_return,
-                            "rollout/turns": result.mean_turns}, rank_zero_only=True)
-        experiment = _tensorboard(trainer)
-        if experiment is not None:
-            for i, transcript in enumerate(result.transcripts[: self.num_transcripts]):
-                text = "\n\n".join(f"**{m['role']}**: {m['content']}" for m in transcript)
-                experiment.add_text(f"rollout/transcript_{i}", text, pl_module.inner_steps)
-
-
 class TrajectoryWeightWriter(BasePredictionWriter):
-    """Write the head's weight for every trajectory of the ``predict`` split as JSONL.
+    """Write every trajectory ``predict`` scored, with its weight, as a dataset: JSONL, Parquet or a saved HF dataset.
 
-    One line per row: ``row_id``, ``task_id``, ``source``, ``score`` (raw head score), ``weight`` (normalised
-    over the whole file to mean 1, the way the head normalises a batch) and ``features``. Under DDP every rank
-    scores its shard; the rows are gathered and rank zero writes one complete file, sorted by ``row_id``.
+    One row per trajectory, in input order (split by split): every field of the input row as it was read (messages,
+    reward, source, task_id, meta and any other field), then
+
+    * ``row_id``: index of the row in its split's input (blank lines not counted);
+    * ``split``: the data module's split the row came from (``real``, ``synthetic`` or ``predict``);
+    * ``content_hash``: :func:`~boost_lightning.data.sources.content_hash` of its messages;
+    * ``score``: the weighting's raw score (comparable across files scored with the same checkpoint);
+    * ``weight``: the score normalised over the whole file to mean 1, the way the weighting normalises a batch: a
+      per-trajectory loss weight as in weighted SFT, loss = Σᵢ wᵢℓᵢ / Σᵢ |wᵢ|;
+    * ``features``: ``{name: value}``, the weighting's per-row inputs (the learned head's scalar features).
+
+    ``source`` and ``task_id`` are filled in where the row has none; input fields named like the added ones are
+    replaced. The result is itself a trajectory file (``--data.synthetic weights.parquet`` reads it, so does any
+    trainer that takes a weight column), and :class:`~boost_lightning.weightings.FixedWeights` trains on its weights.
+    Splits are the data module's ``predict_splits`` (``--data.predict train`` scores real and synthetic rows on one
+    scale); without a :class:`~boost_lightning.data.datamodule.BoostDataModule` only the added fields are written.
+
+    Under DDP every rank scores its shard; the rows are gathered and rank zero writes one complete file (into a
+    temporary sibling, renamed into place).
 
     Args:
-        output_path: The JSONL file to write. Default: ``<trainer.log_dir or default_root_dir>/weights.jsonl``.
+        output_path: Where to write. Default: ``weights.jsonl`` (``weights.parquet``, ``weights/``) under
+            ``trainer.log_dir`` or ``default_root_dir``.
+        format: ``jsonl``, ``parquet`` or ``dataset`` (a ``Dataset.save_to_disk`` directory). Default: from
+            ``output_path``: ``.jsonl`` and ``.parquet`` by their suffix, any other path a dataset directory.
     """
 
-    def __init__(self, output_path: str | None = None) -> None:
+    FORMATS = ("jsonl", "parquet", "dataset")
+    DEFAULT_NAMES = {"jsonl": "weights.jsonl", "parquet": "weights.parquet", "dataset": "weights"}
+
+    def __init__(self, output_path: str | None = None,
+                 format: Literal["jsonl", "parquet", "dataset"] | None = None) -> None:
         # Rows are buffered per batch here rather than read from the loop's predictions, which strategies that
         # spawn processes (and ``return_predictions=False``) do not keep.
         super().__init__(write_interval="batch_and_epoch")
+        if format is not None and format not in self.FORMATS:
+            raise ValueError(f"format must be one of {', '.join(self.FORMATS)}, got {format!r}")
         self.output_path = output_path
+        self.format = format
         self.written_to: Path | None = None
         self._rows: list[dict[str, Any]] = []
+
+    def resolve_format(self, path: str | os.PathLike) -> str:
+        """The format written to ``path``: ``format`` if given, else ``jsonl`` / ``parquet`` by suffix, else
+        ``dataset``."""
+        if self.format is not None:
+            return self.format
+        return {".jsonl": "jsonl", ".parquet": "parquet"}.get(Path(path).suffix, "dataset")
 
     def on_predict_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._rows = []
@@ -155,7 +151,8 @@ class TrajectoryWeightWriter(BasePredictionWriter):
                            batch_indices: Any) -> None:
         rows, self._rows = self._rows, []
         # `trainer.log_dir` broadcasts from rank zero: every rank must ask for it, before the others return.
-        path = Path(self.output_path or Path(trainer.log_dir or trainer.default_root_dir) / "weights.jsonl")
+        root = Path(trainer.log_dir or trainer.default_root_dir)
+        path = Path(self.output_path) if self.output_path else root / self.DEFAULT_NAMES[self.format or "jsonl"]
         gathered: list[Any] = [rows]
         if trainer.world_size > 1:
             # One object gather per predict run; every rank must take part, rank zero writes.
@@ -163,13 +160,94 @@ class TrajectoryWeightWriter(BasePredictionWriter):
             torch.distributed.all_gather_object(gathered, rows)
         if not trainer.is_global_zero:
             return
-        rows = sorted({r["row_id"]: r for part in gathered for r in part}.values(), key=lambda r: r["row_id"])
+        rows = self._with_originals([r for part in gathered for r in part], trainer.datamodule)
         if not rows:
             return
         weights = pl_module.weighting.normalize(torch.tensor([r["score"] for r in rows]),
                                                 torch.tensor([r["source"] == "synthetic" for r in rows]))
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with path.open("w") as f:
-            for row, w in zip(rows, weights.tolist()):
-                f.write(json.dumps({**row, "weight": w}) + "\n")
+        for row, w in zip(rows, weights.tolist()):
+            row["weight"] = w
+            row["features"] = row.pop("features")  # the nested field last: easier to read in JSONL
+        self._write(rows, path, self.resolve_format(path))
         self.written_to = path
+
+    @staticmethod
+    def _with_originals(scored: list[dict[str, Any]], datamodule: Any) -> list[dict[str, Any]]:
+        """The scored rows joined to their input rows, deduplicated and in input order."""
+        splits = getattr(datamodule, "predict_splits", None)
+        if not splits:
+            return sorted({r["row_id"]: r for r in scored}.values(), key=lambda r: r["row_id"])
+        # (source, row_id) alone is ambiguous under `predict=train` when the synthetic input holds real rows: the
+        # content hash picks the one row it is.
+        index: dict[tuple[str, int], list[tuple[str, str, dict[str, Any]]]] = defaultdict(list)
+        for split in splits:
+            for row_id, original in enumerate(read_rows(datamodule.specs[split], split)):
+                source = original.get("source") or IMPLIED_SOURCE[split]
+                index[source, row_id].append((split, content_hash(original["messages"]), original))
+        joined: dict[tuple[int, int], dict[str, Any]] = {}
+        for r in scored:
+            matches = [m for m in index.get((r["source"], r["row_id"]), ())
+                       if r.get("content_hash") in (None, m[1])]
+            if not matches:
+                raise RuntimeError(f"scored {r['source']} row {r['row_id']} matches no row of the inputs of "
+                                   f"{', '.join(splits)}: did an input file change while predict ran?")
+            split, digest, original = matches[0]
+            row = dict(original)
+            for name in ("source", "task_id"):
+                if row.get(name) is None:
+                    row[name] = r[name]
+            row.update(row_id=r["row_id"], split=split, content_hash=digest, score=r["score"],
+                       features=r["features"])
+            joined[splits.index(split), r["row_id"]] = row
+        return [joined[key] for key in sorted(joined)]
+
+    @classmethod
+    def _write(cls, rows: list[dict[str, Any]], path: Path, fmt: str) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if fmt == "dataset":
+            if path.is_file() or (path.is_dir() and any(path.iterdir())
+                                  and not any((path / f).exists() for f in ("state.json", "dataset_dict.json"))):
+                raise FileExistsError(f"{path}: exists and is not a saved dataset; not replacing it (choose another "
+                                      f"output_path, or a .jsonl / .parquet one)")
+            table = cls._arrow_table(rows)
+            cache.write_dir_atomically(path, lambda tmp: Dataset(table).save_to_disk(str(tmp)), lambda _: False)
+            return
+        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+        try:
+            if fmt == "parquet":
+                pq.write_table(cls._arrow_table(rows), tmp)
+            else:
+                with tmp.open("w") as f:
+                    for row in rows:
+                        f.write(json.dumps(row, default=str) + "\n")
+            os.replace(tmp, path)
+        finally:
+            tmp.unlink(missing_ok=True)
+
+    @classmethod
+    def _arrow_table(cls, rows: list[dict[str, Any]]) -> pa.Table:
+        """Columns in first-seen order, a field missing from a row written as null."""
+        columns: dict[str, pa.Array] = {}
+        for name in dict.fromkeys(k for row in rows for k in row):
+            values = [row.get(name) for row in rows]
+            try:
+                array = pa.array(values)
+                if cls._has_empty_struct(array.type):  # Parquet cannot store a struct without fields
+                    raise pa.ArrowInvalid(f"{array.type}")
+            except (pa.ArrowInvalid, pa.ArrowTypeError, OverflowError):
+                if all(v is None or v == {} for v in values):
+                    array = pa.nulls(len(values))
+                else:
+                    rank_zero_warn(f"field {name!r} has values of mixed types: written as JSON strings")
+                    array = pa.array([None if v is None else json.dumps(v, default=str) for v in values])
+            columns[name] = array
+        return pa.table(columns)
+
+    @classmethod
+    def _has_empty_struct(cls, kind: pa.DataType) -> bool:
+        if pa.types.is_struct(kind):
+            return kind.num_fields == 0 or any(cls._has_empty_struct(kind.field(i).type)
+                                               for i in range(kind.num_fields))
+        if pa.types.is_list(kind) or pa.types.is_large_list(kind):
+            return cls._has_empty_struct(kind.value_type)
+        return False

@@ -74,7 +74,11 @@ class BoostCLI(LightningCLI):
         return getattr(self.trainer, method)(ckpt_path=ckpt_path, weights_only=weights_only, **kwargs)
 
     def fit(self, **kwargs: Any) -> None:
-        """``trainer.fit`` with ``ckpt_path="last"`` resolved across logger versions and ``weights_only=True``."""
+        """``trainer.fit`` with ``ckpt_path="last"`` resolved across logger versions and ``weights_only=True``;
+        with ``--data.report_only true``, print the data report instead and return without training."""
+        if getattr(self.datamodule, "report_only", False):
+            print(self.datamodule.report(), flush=True)
+            return
         self._trainer_call("fit", **kwargs)
 
     def validate(self, **kwargs: Any) -> Any:

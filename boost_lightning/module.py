@@ -143,6 +143,8 @@ class BoostModule(LightningModule):
         self._pending_rng: dict[str, Any] | None = None  # RNG states of a loaded checkpoint, set when training starts
         self.val_loss = MeanMetric()
         self.val_accuracy = MeanMetric()
+        self.test_loss = MeanMetric()
+        self.test_accuracy = MeanMetric()
 
     @property
     def faults(self) -> dict[str, int]:
@@ -156,6 +158,9 @@ class BoostModule(LightningModule):
         # rows weigh nothing (a batch with none of them would be a step on no data).
         if stage == "fit" and self.weighting.keeps != "all" and hasattr(datamodule, "draw_only"):
             datamodule.draw_only(self.weighting.keeps)
+        # The same for a weighting that drops rows by their content (a pool-wide return cut, a ground-truth label).
+        if stage == "fit" and hasattr(datamodule, "keep_rows"):
+            datamodule.keep_rows(self.weighting.select)
 
     # -- optimisers ---------------------------------------------------------------------------------------------
     def configure_optimizers(self) -> list[dict[str, Any]]:
@@ -351,22 +356,33 @@ class BoostModule(LightningModule):
 
     # -- validation / prediction --------------------------------------------------------------------------------
     def validation_step(self, batch: Mapping[str, Any], batch_idx: int) -> None:
+        self._evaluate(batch, "val", self.val_loss, self.val_accuracy)
+
+    def test_step(self, batch: Mapping[str, Any], batch_idx: int) -> None:
+        """``test/loss``: mean agent-token NLL per row of the test split (held-out real rows)."""
+        self._evaluate(batch, "test", self.test_loss, self.test_accuracy)
+
+    def _evaluate(self, batch: Mapping[str, Any], prefix: str, loss: MeanMetric, accuracy: MeanMetric) -> None:
         out = self.policy.trajectory_forward(batch)
         agent_tokens = batch["num_agent_tokens"].clamp(min=1).float()
-        self.val_loss.update(out.loss)
-        self.val_accuracy.update(out.correct / agent_tokens, weight=agent_tokens)
-        self.log("val/loss", self.val_loss, prog_bar=True, batch_size=out.loss.shape[0])
-        self.log("val/token_accuracy", self.val_accuracy, batch_size=out.loss.shape[0])
+        loss.update(out.loss)
+        accuracy.update(out.correct / agent_tokens, weight=agent_tokens)
+        self.log(f"{prefix}/loss", loss, prog_bar=True, batch_size=out.loss.shape[0])
+        self.log(f"{prefix}/token_accuracy", accuracy, batch_size=out.loss.shape[0])
 
     def predict_step(self, batch: Mapping[str, Any], batch_idx: int) -> list[dict[str, Any]]:
+        """One record per row: ``row_id``, ``task_id``, ``source``, ``content_hash`` (when the batch has it), the
+        weighting's raw ``score`` and its per-row inputs as ``features``; the writer normalises and writes them."""
         out = self.policy.trajectory_forward(batch)
         inputs = self.weighting.inputs(out, batch)
         scores = self.weighting.scores(inputs)
         names = self.weighting.input_names
+        hashes = batch.get("content_hash")
         return [{
             "row_id": int(batch["row_id"][i]),
             "task_id": batch["task_id"][i],
             "source": "synthetic" if float(batch["is_synthetic"][i]) > 0.5 else "real",
+            **({"content_hash": hashes[i]} if hashes is not None else {}),
             "score": float(scores[i]),
             "features": {name: float(inputs[i, j]) for j, name in enumerate(names)},
         } for i in range(scores.shape[0])]

@@ -7,8 +7,8 @@ them into what the data layer reads, and registers itself with it:
 =============================  ===========  =======================================================================
 spec                           kind         resolves to
 =============================  ===========  =======================================================================
-``embedded:<task>/<split>``    data         ``<split>.jsonl`` (real, synthetic, validation) of the task's generated
-                                            data, default settings, generated on first use
+``embedded:<task>/<split>``    data         ``<split>.jsonl`` (real, synthetic, validation, test) of the task's
+                                            generated data, default settings, generated on first use
 ``embedded:<task>``            tokenizer    the ``tokenizer/`` directory saved with that data
 ``smollm2-135m-instruct``,     tokenizer    SmolLM2's ChatML tokenizer (:mod:`boost_lightning.models.pretrained`)
 ``smollm2``
@@ -34,7 +34,7 @@ def resolve_data(spec: str) -> Path | None:
 
     Raises:
         ValueError: an ``embedded:`` spec without a task and a split, or with a split that is not one of ``real``,
-            ``synthetic``, ``validation``.
+            ``synthetic``, ``validation``, ``test``.
     """
     if not spec.startswith(EMBEDDED):
         return None

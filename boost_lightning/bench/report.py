@@ -1,421 +1,803 @@
-"""Benchmark reports: ``results.csv`` (one row per run), ``results.md`` (mean ± 95 % CI, weight analysis, ablation).
+"""Benchmark reports from a suite's finished runs: ``results.csv`` (one row per run) and ``results.md``.
 
-Numpy only (no scipy at run time): Student-t quantiles come from a table, Spearman's ρ is the Pearson correlation
-of average ranks.
+Every comparison between two methods is paired by seed: a seed fixes a run's policy initialisation and batch order,
+and the synthetic pool is the same for every seed, so two methods on the same seed differ by their weighting (and
+the noise that remains). Intervals are percentile intervals of a bootstrap that resamples seed pairs.
+
+``results.md`` has four tables, in this order:
+
+* headroom: per task, whether the task leaves room to reweight (oracle, uniform and real-only success);
+* methods: per task and method (pool ``all``), success with its paired difference to ``uniform`` and to the best
+  non-oracle baseline, probability of improvement, share of the headroom recovered, test NLL;
+* utility: per task and generator ``g``, success of ``uniform`` trained on the real rows and ``g``'s rows only,
+  minus that of ``real_only``;
+* weight analysis: per task, whether ``learned`` weighs generators by their measured utility.
+
+pandas, scipy (and tabulate, rliable when installed) are imported here only, not by the rest of the package.
 """
 
 from __future__ import annotations
 
-import csv
+import json
 import math
-from collections import defaultdict
-from collections.abc import Iterable, Sequence
+import re
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pandas as pd
 
-# Two-sided 95 % Student-t quantiles t_{0.975, df}; between tabulated df the smaller df is used (conservative).
-_T975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228,
-         11: 2.201, 12: 2.179, 13: 2.160, 14: 2.145, 15: 2.131, 16: 2.120, 17: 2.110, 18: 2.101, 19: 2.093,
-         20: 2.086, 21: 2.080, 22: 2.074, 23: 2.069, 24: 2.064, 25: 2.060, 26: 2.056, 27: 2.052, 28: 2.048,
-         29: 2.045, 30: 2.042, 40: 2.021, 60: 2.000, 120: 1.980}
+#: ``results.csv`` columns before the ``weight/<generator>`` ones.
+BASE_COLUMNS = ("task", "method", "seed", "pool", "success_rate", "episodes", "val_loss", "test_nll",
+                "train_seconds", "ess_fraction")
+WEIGHT_PREFIX = "weight/"
+#: Pool of the main comparison; any other pool names the one generator a utility run trains on.
+MAIN_POOL = "all"
 
+#: Targets of a task worth benchmarking: the oracle solves it and reweighting has room to matter.
+ORACLE_TARGET = 0.70
+HEADROOM_TARGET = 0.15
+#: Largest acceptable half-width of a (method − uniform) interval; wider means too few seeds or episodes.
+HALF_WIDTH_TARGET = 0.08
 
-def t_quantile_975(df: int) -> float:
-    """t_{0.975} with ``df`` degrees of freedom (beyond 120: the Cornish-Fisher expansion around z = 1.95996)."""
-    if df < 1:
-        raise ValueError("df must be >= 1")
-    if df > 120:
-        z = 1.959964
-        return z + (z**3 + z) / (4 * df) + (5 * z**5 + 16 * z**3 + 3 * z) / (96 * df**2)
-    return _T975[max(k for k in _T975 if k <= df)]
+N_BOOT = 10_000
+LEVEL = 0.95
 
+#: Methods listed first, in this order; the other methods follow alphabetically, ``learned`` last.
+REFERENCE_METHODS = ("oracle", "uniform", "real_only", "synthetic_only")
+#: Never the "best baseline": the oracle sees the ground truth and ``learned`` is what the baselines are compared to.
+NOT_BASELINES = ("oracle", "learned")
 
-def mean_ci(values: Iterable[float]) -> tuple[float, float]:
-    """Mean and half-width of its 95 % Student-t confidence interval (NaN half-width for fewer than 2 values)."""
-    x = np.asarray([v for v in values if v is not None and not math.isnan(v)], dtype=float)
-    if x.size == 0:
-        return math.nan, math.nan
-    if x.size == 1:
-        return float(x[0]), math.nan
-    return float(x.mean()), t_quantile_975(x.size - 1) * float(x.std(ddof=1)) / math.sqrt(x.size)
-
-
-def rankdata(values: Sequence[float]) -> np.ndarray:
-    """Ranks 1..n, ties sharing their average rank (as ``scipy.stats.rankdata``'s default)."""
-    x = np.asarray(values, dtype=float)
-    order = np.argsort(x, kind="mergesort")
-    ranks = np.empty(x.size, dtype=float)
-    sorted_x = x[order]
-    start = 0
-    for end in range(1, x.size + 1):
-        if end == x.size or sorted_x[end] != sorted_x[start]:
-            ranks[order[start:end]] = (start + end + 1) / 2.0  # mean of ranks start+1 .. end
-            start = end
-    return ranks
+#: Headings of ``results.md``, in order (the README section takes the first three).
+SECTIONS = {"headroom": "Headroom", "methods": "Methods", "utility": "Generator utility",
+            "weights": "Weight analysis"}
+README_BEGIN = "<!-- bench:results:begin -->"
+README_END = "<!-- bench:results:end -->"
 
 
-def spearman(x: Sequence[float], y: Sequence[float]) -> float:
-    """Spearman's ρ (Pearson correlation of average ranks); NaN if either side is constant or too short."""
-    if len(x) != len(y):
-        raise ValueError("spearman needs two sequences of the same length")
-    if len(x) < 2:
-        return math.nan
-    rx, ry = rankdata(x), rankdata(y)
-    rx, ry = rx - rx.mean(), ry - ry.mean()
-    denom = math.sqrt(float((rx * rx).sum() * (ry * ry).sum()))
-    return float((rx * ry).sum() / denom) if denom > 0 else math.nan
+# ---------------------------------------------------------------------------------------------------- loading
 
 
-def weight_analysis(weights: dict[str, Any]) -> dict[str, float]:
-    """What the learned weights say about the ground truth (a run's ``weights`` record, see ``score_pool``).
+def load_records(out_dir: str | Path) -> list[dict[str, Any]]:
+    """Every finished run's record under ``<out_dir>/runs``, sorted by file name.
+
+    Args:
+        out_dir: The suite directory.
 
     Returns:
-        ``spearman_quality`` (ρ of weight and ``meta.quality`` over synthetic rows), ``spearman_on_distribution``
-        (the same over on-distribution synthetic rows only), mean weights of on-distribution
-        synthetic rows (neither shifted nor hallucinated), shifted and hallucinated rows and their ratios to the
-        on-distribution mean, the real rows' mean weight, and the weight mass on real vs synthetic rows next to
-        their share of rows. Weights are relative to the pool mean (= 1).
+        The parsed ``runs/<run_id>.json`` records (empty when there are none).
     """
-    syn = weights["synthetic"]
-    w = np.asarray(syn["weight"], dtype=float)
-    shifted = np.asarray(syn["shifted"], dtype=bool)
-    halluc = np.asarray(syn["hallucinated"], dtype=bool)
-    on_dist = ~shifted & ~halluc
-    real = np.asarray(weights["real_weights"], dtype=float)
-
-    def mean(mask: np.ndarray) -> float:
-        return float(w[mask].mean()) if mask.any() else math.nan
-
-    on, sh, ha = mean(on_dist), mean(shifted), mean(halluc)
-    total = float(w.sum() + real.sum())
-    quality = np.asarray(syn["quality"], dtype=float)
-    return {
-        "spearman_quality": spearman(w.tolist(), quality.tolist()),
-        "spearman_on_distribution": spearman(w[on_dist].tolist(), quality[on_dist].tolist()),
-        "weight_on_distribution": on,
-        "weight_shifted": sh,
-        "weight_hallucinated": ha,
-        "shifted_ratio": sh / on if on > 0 else math.nan,
-        "hallucinated_ratio": ha / on if on > 0 else math.nan,
-        "weight_real": float(real.mean()) if real.size else math.nan,
-        "mass_real": float(real.sum()) / total if total > 0 else math.nan,
-        "share_real": real.size / max(real.size + w.size, 1),
-        "pool_ess_fraction": float(weights.get("pool_ess_fraction", math.nan)),
-    }
+    return [json.loads(p.read_text()) for p in sorted((Path(out_dir) / "runs").glob("*.json"))]
 
 
-def generator_means(weights: dict[str, Any]) -> dict[str, float]:
-    """Mean learned weight per ground-truth generator (synthetic rows) and of the real rows."""
-    groups: dict[str, list[float]] = defaultdict(list)
-    for w, g in zip(weights["synthetic"]["weight"], weights["synthetic"]["generator"]):
-        groups[g].append(w)
-    out = {g: float(np.mean(v)) for g, v in sorted(groups.items())}
-    if weights["real_weights"]:
-        out["real (expert)"] = float(np.mean(weights["real_weights"]))
+def frame_from_records(records: Sequence[Mapping[str, Any]]) -> pd.DataFrame:
+    """One row per record's ``"row"``, with every base column present (NaN where a row lacks it).
+
+    Args:
+        records: Run records as written under ``runs/``.
+
+    Returns:
+        The runs as a DataFrame: the base columns first, then ``weight/*`` sorted, then any other column.
+
+    Raises:
+        ValueError: A record has no ``"row"``.
+    """
+    rows = []
+    for record in records:
+        if "row" not in record:
+            raise ValueError(f"run record {record.get('run_id', '?')!r} has no 'row'")
+        rows.append(dict(record["row"]))
+    frame = pd.DataFrame(rows)
+    for column in BASE_COLUMNS:
+        if column not in frame:
+            frame[column] = np.nan
+    frame = frame[_column_order(frame.columns)]
+    # Only the known numeric columns: a column a newer row format adds keeps its values as they are.
+    numeric = [c for c in frame.columns
+               if (c in BASE_COLUMNS and c not in ("task", "method", "pool")) or c.startswith(WEIGHT_PREFIX)]
+    frame[numeric] = frame[numeric].apply(pd.to_numeric, errors="coerce")
+    if len(frame) and frame["seed"].notna().all():
+        frame["seed"] = frame["seed"].astype(int)
+    return frame
+
+
+def load_frame(out_dir: str | Path) -> pd.DataFrame:
+    """The suite's runs as a DataFrame, one row per ``runs/<run_id>.json`` record's ``"row"``.
+
+    Args:
+        out_dir: The suite directory.
+
+    Returns:
+        See :func:`frame_from_records`.
+    """
+    return frame_from_records(load_records(out_dir))
+
+
+def _column_order(columns: Sequence[str]) -> list[str]:
+    weights = sorted(c for c in columns if c.startswith(WEIGHT_PREFIX))
+    rest = sorted(c for c in columns if c not in BASE_COLUMNS and not c.startswith(WEIGHT_PREFIX))
+    return [*BASE_COLUMNS, *weights, *rest]
+
+
+def write_csv(frame: pd.DataFrame, path: str | Path) -> Path:
+    """Write ``results.csv``: one row per run, empty cells for missing values.
+
+    Columns: task, method, seed, pool, success_rate, episodes, val_loss, test_nll, train_seconds, ess_fraction,
+    then the ``weight/*`` columns sorted (then any column a newer row format adds, sorted, so nothing is lost).
+
+    Args:
+        frame: Runs as from :func:`load_frame`.
+        path: Output file.
+
+    Returns:
+        ``path``.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    out = frame.copy()
+    for column in BASE_COLUMNS:
+        if column not in out:
+            out[column] = np.nan
+    out[_column_order(out.columns)].to_csv(path, index=False, float_format="%.6g")
+    return path
+
+
+# ------------------------------------------------------------------------------------------------ statistics
+
+
+def _align(a: pd.Series | Mapping[Any, float], b: pd.Series | Mapping[Any, float]) -> tuple[np.ndarray, np.ndarray]:
+    """Values of the seeds present (and finite) in both, in seed order; a seed that ran twice counts once (mean)."""
+    sa, sb = (pd.Series(x, dtype=float) if not isinstance(x, pd.Series) else x.astype(float) for x in (a, b))
+    sa, sb = (s[np.isfinite(s.to_numpy())].groupby(level=0).mean() for s in (sa, sb))
+    shared = sa.index.intersection(sb.index).sort_values()
+    return sa.loc[shared].to_numpy(), sb.loc[shared].to_numpy()
+
+
+def paired_bootstrap(a: pd.Series | Mapping[Any, float], b: pd.Series | Mapping[Any, float], n_boot: int = N_BOOT,
+                     seed: int = 0, level: float = LEVEL) -> tuple[float, float, float]:
+    """Mean paired difference ``a − b`` over seeds and its percentile bootstrap interval.
+
+    The two sides are aligned on their index (the seed); seeds missing on either side, or NaN there, are ignored.
+    Each bootstrap sample draws as many seed pairs as there are, with replacement, and averages their differences.
+
+    Args:
+        a: Per-seed values of the first method (index = seed).
+        b: Per-seed values of the second method (index = seed).
+        n_boot: Bootstrap samples.
+        seed: Seed of the resampling; the result is a function of the inputs and this seed.
+        level: Coverage of the interval.
+
+    Returns:
+        ``(mean_diff, low, high)``; all NaN without a shared seed, NaN bounds with a single one (one pair says
+        nothing about the spread).
+    """
+    x, y = _align(a, b)
+    if x.size == 0:
+        return math.nan, math.nan, math.nan
+    diff = x - y
+    mean = float(diff.mean())
+    if diff.size == 1:
+        return mean, math.nan, math.nan
+    rng = np.random.default_rng(seed)
+    samples = diff[rng.integers(0, diff.size, size=(n_boot, diff.size))].mean(axis=1)
+    tail = 100 * (1 - level) / 2
+    low, high = np.percentile(samples, [tail, 100 - tail])
+    return mean, float(low), float(high)
+
+
+def probability_of_improvement(a: pd.Series | Mapping[Any, float], b: pd.Series | Mapping[Any, float]) -> float:
+    """Share of shared seeds on which ``a`` beats ``b`` (a tie counts one half).
+
+    Args:
+        a: Per-seed values of the first method (index = seed).
+        b: Per-seed values of the second method (index = seed).
+
+    Returns:
+        P(a > b) over seed pairs; NaN without a shared seed.
+    """
+    x, y = _align(a, b)
+    if x.size == 0:
+        return math.nan
+    return float(np.mean((x > y) + 0.5 * (x == y)))
+
+
+def iqm(values: Sequence[float] | np.ndarray | pd.Series) -> float:
+    """Interquartile mean: the mean of the middle 50 % of the values (25 % trimmed from each end).
+
+    rliable's ``aggregate_iqm`` when rliable is installed, else ``scipy.stats.trim_mean(values, 0.25)``, which is
+    what ``aggregate_iqm`` computes.
+
+    Args:
+        values: Scores; NaN values are ignored.
+
+    Returns:
+        The IQM; NaN when there is no finite value.
+    """
+    x = np.asarray(values, dtype=float)
+    x = x[np.isfinite(x)]
+    if x.size == 0:
+        return math.nan
+    try:
+        from rliable.metrics import aggregate_iqm
+    except ImportError:
+        from scipy.stats import trim_mean
+
+        return float(trim_mean(x, 0.25))
+    return float(aggregate_iqm(x))
+
+
+def spearman(x: Sequence[float] | np.ndarray | pd.Series, y: Sequence[float] | np.ndarray | pd.Series) -> float:
+    """Spearman's ρ of the pairs where both values are finite (``scipy.stats.spearmanr``, ties at average rank).
+
+    Args:
+        x: First values.
+        y: Second values, paired with ``x`` by position.
+
+    Returns:
+        ρ; NaN with fewer than two pairs or a constant side.
+    """
+    from scipy.stats import spearmanr
+
+    a, b = np.asarray(x, dtype=float), np.asarray(y, dtype=float)
+    if a.shape != b.shape:
+        raise ValueError("spearman needs two sequences of the same length")
+    keep = np.isfinite(a) & np.isfinite(b)
+    a, b = a[keep], b[keep]
+    if a.size < 2 or np.ptp(a) == 0 or np.ptp(b) == 0:
+        return math.nan
+    return float(spearmanr(a, b).statistic)
+
+
+def best_non_oracle_baseline(means: Mapping[str, float], method: str) -> str | None:
+    """The baseline ``method`` is measured against: the highest mean success among the other methods.
+
+    ``oracle`` (it sees the ground truth), ``learned`` and ``method`` itself never qualify; a tie goes to the
+    method listed first in the report's order.
+
+    Args:
+        means: Mean success per method on one task.
+        method: The method being compared.
+
+    Returns:
+        The baseline's name, or None when no other method qualifies.
+    """
+    candidates = {m: v for m, v in means.items()
+                  if m not in NOT_BASELINES and m != method and v is not None and not math.isnan(v)}
+    if not candidates:
+        return None
+    ordered = order_methods(candidates)
+    return max(ordered, key=lambda m: (candidates[m], -ordered.index(m)))
+
+
+def headroom_recovered(method_mean: float, uniform_mean: float, oracle_mean: float) -> float:
+    """Share of the oracle's headroom over ``uniform`` that a method recovers: (method − uniform) / (oracle − uniform).
+
+    Args:
+        method_mean: The method's mean success.
+        uniform_mean: ``uniform``'s mean success on the same task.
+        oracle_mean: ``oracle``'s mean success (NaN when the suite has no oracle run).
+
+    Returns:
+        The fraction (1: as good as the oracle, 0: no better than uniform); NaN without an oracle or without
+        headroom (oracle ≤ uniform), where the fraction means nothing.
+    """
+    headroom = oracle_mean - uniform_mean
+    if any(math.isnan(v) for v in (method_mean, uniform_mean, oracle_mean)) or headroom <= 1e-12:
+        return math.nan
+    return (method_mean - uniform_mean) / headroom
+
+
+def order_methods(methods: Sequence[str] | Mapping[str, Any]) -> list[str]:
+    """Report order: the reference methods, the other baselines alphabetically, ``learned`` last.
+
+    Args:
+        methods: Method names (duplicates allowed).
+
+    Returns:
+        The distinct names in report order.
+    """
+    present = set(methods)
+    rest = sorted(present - set(REFERENCE_METHODS) - {"learned"})
+    return [m for m in REFERENCE_METHODS if m in present] + rest + (["learned"] if "learned" in present else [])
+
+
+# ----------------------------------------------------------------------------------------------------- tables
+
+
+def _main(frame: pd.DataFrame) -> pd.DataFrame:
+    return frame[frame["pool"] == MAIN_POOL]
+
+
+def _per_seed(frame: pd.DataFrame, column: str) -> dict[str, pd.Series]:
+    """Per method: ``column`` per seed (index), NaN dropped."""
+    out = {}
+    for method, group in frame.groupby("method", sort=False):
+        values = group.groupby("seed")[column].mean().dropna()
+        out[str(method)] = values
     return out
 
 
-CSV_FIELDS = ("run_id", "task", "method", "seed", "shifted_fraction", "num_synthetic", "regularizer_strength", "axes",
-              "success_rate", "mean_return", "mean_turns", "val_loss", "inner_steps", "outer_steps", "ess_fraction",
-              "pool_ess_fraction", "spearman_quality", "spearman_on_distribution", "shifted_ratio",
-              "hallucinated_ratio", "mass_real", "train_seconds", "eval_seconds", "model", "preset")
+def _mean(series: pd.Series | None) -> float:
+    return float(series.mean()) if series is not None and len(series) else math.nan
 
 
-def flatten(result: dict[str, Any]) -> dict[str, Any]:
-    """One CSV row of a run record (spec, metrics, weight analysis, final ``tradeoff/*`` values)."""
-    spec, metrics = result["spec"], result["metrics"]
-    row: dict[str, Any] = {**{k: spec[k] for k in ("task", "method", "seed", "shifted_fraction", "num_synthetic",
-                                                   "regularizer_strength")},
-                           "run_id": result["run_id"], "axes": "+".join(spec["axes"]),
-                           "model": result.get("model"), "preset": result["preset"]["name"]}
-    row.update({k: metrics.get(k) for k in CSV_FIELDS if k in metrics})
-    if "weights" in result:
-        analysis = weight_analysis(result["weights"])
-        row.update({k: analysis[k] for k in ("spearman_quality", "spearman_on_distribution", "shifted_ratio",
-                                             "hallucinated_ratio", "mass_real")})
-    row.update(result.get("tradeoff", {}))
-    return row
+def _check(ok: bool, *needed: float) -> bool | None:
+    """``ok``, or None when a value it depends on is missing."""
+    return None if any(math.isnan(v) for v in needed) else bool(ok)
 
 
-def write_csv(path: Path, results: Sequence[dict[str, Any]]) -> None:
-    """``results.csv``: one row per run; extra columns for any ``tradeoff/*`` metrics the runs logged."""
-    rows = [flatten(r) for r in results]
-    extra = sorted({k for row in rows for k in row} - set(CSV_FIELDS))
-    with open(path, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=[*CSV_FIELDS, *extra])
-        writer.writeheader()
-        for row in rows:
-            writer.writerow({k: _csv_value(row.get(k)) for k in writer.fieldnames})
+def headroom_table(frame: pd.DataFrame) -> pd.DataFrame:
+    """Per task: mean success of ``oracle``, ``uniform`` and ``real_only`` (pool ``all``) and the targets.
 
+    Targets: oracle ≥ :data:`ORACLE_TARGET`, oracle − uniform ≥ :data:`HEADROOM_TARGET`, and ``real_only`` below both
+    (synthetic data helps, and the oracle's choice of it helps more). A target is NA when a method it needs is
+    missing.
 
-def _csv_value(v: Any) -> Any:
-    if isinstance(v, float):
-        return "" if math.isnan(v) else f"{v:.6g}"
-    return "" if v is None else v
-
-
-def fmt_ci(mean: float, half: float, scale: float = 100.0, digits: int = 1) -> str:
-    """``"31.2 ± 4.0"`` (``scale`` 100 turns rates into percent); ``"31.2"`` with one value."""
-    if math.isnan(mean):
-        return "–"
-    if math.isnan(half):
-        return f"{mean * scale:.{digits}f}"
-    return f"{mean * scale:.{digits}f} ± {half * scale:.{digits}f}"
-
-
-def _f(v: float, digits: int = 2) -> str:
-    return "–" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.{digits}f}"
-
-
-def _ordered(values: Iterable[str], order: Sequence[str]) -> list[str]:
-    values = set(values)
-    return [v for v in order if v in values] + sorted(values - set(order))
-
-
-def summarize(results: Sequence[dict[str, Any]]) -> dict[str, Any]:
-    """Aggregates the reports are written from.
+    Args:
+        frame: Runs as from :func:`load_frame`.
 
     Returns:
-        ``{"tasks", "methods", "success": {(method, task): [rates]}, "analysis": {task: [weight_analysis]},
-        "generators": {task: [generator_means]}, "alignment": {task: [per-generator alignment]}, ...}`` for the
-        main comparison.
+        Columns ``task, oracle, uniform, real_only, headroom, oracle_ok, headroom_ok, real_only_below``.
     """
-    from boost_lightning.envs.base import TASKS
-    from boost_lightning.weightings import WEIGHTINGS
-
-    main = [r for r in results if "main" in r["spec"]["axes"]]
-    tasks = _ordered((r["spec"]["task"] for r in main), TASKS)
-    methods = _ordered((r["spec"]["method"] for r in main), WEIGHTINGS)
-    success: dict[tuple[str, str], list[float]] = defaultdict(list)
-    val_loss: dict[tuple[str, str], list[float]] = defaultdict(list)
-    seconds: dict[str, list[float]] = defaultdict(list)
-    analysis: dict[str, list[dict[str, float]]] = defaultdict(list)
-    generators: dict[str, list[dict[str, float]]] = defaultdict(list)
-    alignment: dict[str, list[dict[str, float]]] = defaultdict(list)
-    for r in main:
-        key = (r["spec"]["method"], r["spec"]["task"])
-        success[key].append(r["metrics"]["success_rate"])
-        if r["metrics"].get("val_loss") is not None:
-            val_loss[key].append(r["metrics"]["val_loss"])
-        seconds[r["spec"]["method"]].append(r["metrics"]["train_seconds"])
-        if "weights" in r:
-            analysis[r["spec"]["task"]].append(weight_analysis(r["weights"]))
-            generators[r["spec"]["task"]].append(generator_means(r["weights"]))
-        if r.get("alignment"):
-            alignment[r["spec"]["task"]].append(r["alignment"])
-    wins = []
-    if "learned" in methods:
-        for task in tasks:
-            boost = np.mean(success.get(("learned", task), [math.nan]))
-            others = [np.mean(success[(m, task)]) for m in methods if m != "learned" and (m, task) in success]
-            # A task that no method solved at all compares nothing: it counts as neither a win nor a loss.
-            if others and not math.isnan(boost) and boost >= max(others) and max(boost, *others) > 0:
-                wins.append(task)
-    unsolved = [t for t in tasks if not any(np.mean(success[(m, t)]) > 0 for m in methods if (m, t) in success)]
-    return {"tasks": tasks, "methods": methods, "success": success, "val_loss": val_loss, "seconds": seconds,
-            "analysis": analysis, "generators": generators, "alignment": alignment, "boost_best_on": wins,
-            "unsolved": unsolved}
+    rows = []
+    for task, group in _main(frame).groupby("task", sort=True):
+        means = group.groupby("method")["success_rate"].mean()
+        oracle, uniform, real = (float(means.get(m, math.nan)) for m in ("oracle", "uniform", "real_only"))
+        headroom = oracle - uniform
+        rows.append({"task": task, "oracle": oracle, "uniform": uniform, "real_only": real, "headroom": headroom,
+                     "oracle_ok": _check(oracle >= ORACLE_TARGET, oracle),
+                     "headroom_ok": _check(headroom >= HEADROOM_TARGET - 1e-12, headroom),
+                     "real_only_below": _check(real < oracle and real < uniform, real, oracle, uniform)})
+    columns = ["task", "oracle", "uniform", "real_only", "headroom", "oracle_ok", "headroom_ok", "real_only_below"]
+    table = pd.DataFrame(rows, columns=columns)
+    for column in ("oracle_ok", "headroom_ok", "real_only_below"):
+        table[column] = table[column].astype("boolean")
+    return table
 
 
-def _mean_of(dicts: Sequence[dict[str, float]], key: str) -> float:
-    vals = [d[key] for d in dicts if key in d and not math.isnan(d[key])]
-    return float(np.mean(vals)) if vals else math.nan
+METHOD_COLUMNS = ["task", "method", "n", "success", "iqm", "vs_uniform", "vs_uniform_low", "vs_uniform_high",
+                  "half_width", "too_wide", "baseline", "vs_baseline", "vs_baseline_low", "vs_baseline_high",
+                  "p_improvement", "headroom_recovered", "test_nll", "nll_vs_uniform", "nll_vs_uniform_low",
+                  "nll_vs_uniform_high"]
 
 
-def markdown(results: Sequence[dict[str, Any]], command: str | None = None) -> str:
-    """``results.md``: main table (success %, mean ± 95 % CI over seeds), weight analysis, ablation tables."""
-    if not results:
-        return "# Benchmark\n\nNo finished runs yet.\n"
-    s = summarize(results)
-    preset = results[0]["preset"]
-    lines = ["# BOOST vs baselines: rollout success on held-out task instances", ""]
+def method_table(frame: pd.DataFrame, n_boot: int = N_BOOT, seed: int = 0) -> pd.DataFrame:
+    """Per task and method of the main comparison (pool ``all``): success and paired comparisons.
+
+    Columns: ``n`` seeds; mean ``success`` and its ``iqm`` over seeds; ``vs_uniform`` (mean paired difference to
+    ``uniform``) with its interval, ``half_width`` of that interval and ``too_wide`` when it exceeds
+    :data:`HALF_WIDTH_TARGET`; the best non-oracle ``baseline`` (:func:`best_non_oracle_baseline`) and the paired
+    difference to it; ``p_improvement`` over uniform; ``headroom_recovered``; mean ``test_nll`` and its paired
+    difference to uniform. Comparisons of ``uniform`` with itself are NaN.
+
+    Args:
+        frame: Runs as from :func:`load_frame`.
+        n_boot: Bootstrap samples per interval.
+        seed: Seed of every bootstrap.
+
+    Returns:
+        One row per (task, method), tasks sorted, methods in :func:`order_methods` order.
+    """
+    rows = []
+    for task, group in _main(frame).groupby("task", sort=True):
+        success, nll = _per_seed(group, "success_rate"), _per_seed(group, "test_nll")
+        methods = order_methods(success)
+        means = {m: _mean(success[m]) for m in methods}
+        uniform = success.get("uniform")
+        for method in methods:
+            s = success[method]
+            row: dict[str, Any] = {"task": task, "method": method, "n": len(s), "success": means[method],
+                                   "iqm": iqm(s), "test_nll": _mean(nll.get(method))}
+            compare = uniform is not None and method != "uniform"
+            d, lo, hi = paired_bootstrap(s, uniform, n_boot, seed) if compare else (math.nan,) * 3
+            half = (hi - lo) / 2
+            row.update(vs_uniform=d, vs_uniform_low=lo, vs_uniform_high=hi, half_width=half,
+                       too_wide=None if math.isnan(half) else bool(half > HALF_WIDTH_TARGET),
+                       p_improvement=probability_of_improvement(s, uniform) if compare else math.nan)
+            baseline = best_non_oracle_baseline(means, method)
+            d, lo, hi = (paired_bootstrap(s, success[baseline], n_boot, seed) if baseline else (math.nan,) * 3)
+            row.update(baseline=baseline, vs_baseline=d, vs_baseline_low=lo, vs_baseline_high=hi)
+            row["headroom_recovered"] = headroom_recovered(means[method], means.get("uniform", math.nan),
+                                                           means.get("oracle", math.nan))
+            compare_nll = compare and method in nll and "uniform" in nll
+            d, lo, hi = (paired_bootstrap(nll[method], nll["uniform"], n_boot, seed) if compare_nll
+                         else (math.nan,) * 3)
+            row.update(nll_vs_uniform=d, nll_vs_uniform_low=lo, nll_vs_uniform_high=hi)
+            rows.append(row)
+    table = pd.DataFrame(rows, columns=METHOD_COLUMNS)
+    table["too_wide"] = table["too_wide"].astype("boolean")
+    return table
+
+
+def utility_table(frame: pd.DataFrame, n_boot: int = N_BOOT, seed: int = 0) -> pd.DataFrame:
+    """Per task and generator ``g``: the utility of ``g``'s rows on top of the real ones.
+
+    utility(g) = mean over shared seeds of success(``uniform``, pool ``g``) − success(``real_only``, pool ``all``),
+    with its paired interval; ``harmful`` when it is negative. ``learned_weight`` is ``learned``'s mean weight of
+    ``g``'s rows in the main comparison (``weight/<g>``, mean over seeds), for reading the two side by side.
+
+    Args:
+        frame: Runs as from :func:`load_frame`.
+        n_boot: Bootstrap samples per interval.
+        seed: Seed of every bootstrap.
+
+    Returns:
+        Columns ``task, generator, n, utility, low, high, harmful, learned_weight``; tasks and generators sorted.
+    """
+    rows = []
+    utility_runs = frame[(frame["method"] == "uniform") & (frame["pool"] != MAIN_POOL) & frame["pool"].notna()]
+    for task, group in utility_runs.groupby("task", sort=True):
+        main = _main(frame[frame["task"] == task])
+        real = main[main["method"] == "real_only"].groupby("seed")["success_rate"].mean()
+        weights = learned_generator_weights(frame, task)
+        for generator, runs in group.groupby("pool", sort=True):
+            values = runs.groupby("seed")["success_rate"].mean()
+            d, lo, hi = paired_bootstrap(values, real, n_boot, seed)
+            rows.append({"task": task, "generator": generator, "n": len(_align(values, real)[0]), "utility": d,
+                         "low": lo, "high": hi, "harmful": None if math.isnan(d) else bool(d < 0),
+                         "learned_weight": float(weights.get(generator, math.nan))})
+    table = pd.DataFrame(rows, columns=["task", "generator", "n", "utility", "low", "high", "harmful",
+                                        "learned_weight"])
+    table["harmful"] = table["harmful"].astype("boolean")
+    return table
+
+
+def learned_generator_weights(frame: pd.DataFrame, task: str) -> pd.Series:
+    """``learned``'s mean normalised weight per generator on ``task`` (pool ``all``), averaged over seeds.
+
+    Args:
+        frame: Runs as from :func:`load_frame`.
+        task: The task.
+
+    Returns:
+        Mean weight indexed by generator name; generators without a finite weight are left out.
+    """
+    runs = _main(frame)
+    runs = runs[(runs["task"] == task) & (runs["method"] == "learned")]
+    columns = [c for c in frame.columns if c.startswith(WEIGHT_PREFIX)]
+    means = runs[columns].astype(float).mean().dropna()
+    means.index = [c[len(WEIGHT_PREFIX):] for c in means.index]
+    return means
+
+
+def _row_weight_quality_rho(records: Sequence[Mapping[str, Any]], task: str) -> tuple[float, int]:
+    """Mean over ``learned`` seeds (pool ``all``) of ρ(row weight, row quality), and how many seeds had weights."""
+    rhos = []
+    for record in records:
+        row = record.get("row", {})
+        if (row.get("task"), row.get("method"), row.get("pool")) != (task, "learned", MAIN_POOL):
+            continue
+        synthetic = (record.get("weights") or {}).get("synthetic")
+        if synthetic:
+            rhos.append(spearman(synthetic["weight"], synthetic["quality"]))
+    finite = [r for r in rhos if not math.isnan(r)]
+    return (float(np.mean(finite)) if finite else math.nan), len(rhos)
+
+
+def weight_analysis(frame: pd.DataFrame, records: Sequence[Mapping[str, Any]] = (),
+                    utility: pd.DataFrame | None = None) -> pd.DataFrame:
+    """Per task with ``learned`` runs: do the learned weights follow what each generator is worth?
+
+    Columns: ``generators`` (with both a learned weight and a measured utility); ``rho_utility``, Spearman's ρ of
+    the mean learned weight per generator and the generator's utility; ``rho_quality``, ρ of row weight and
+    ground-truth row quality over the synthetic rows of each ``learned`` run's ``weights`` record, averaged over
+    seeds (``weight_seeds`` of them); ``harmful_helpful_ratio``, the mean learned weight of harmful generators
+    (utility < 0) over that of helpful ones (utility > 0).
+
+    Args:
+        frame: Runs as from :func:`load_frame`.
+        records: The run records (for the per-row ``weights``); without them ``rho_quality`` is NaN.
+        utility: :func:`utility_table` of ``frame`` when already computed.
+
+    Returns:
+        One row per task that has ``learned`` runs in the main comparison, tasks sorted.
+    """
+    utility = utility_table(frame) if utility is None else utility
+    main = _main(frame)
+    rows = []
+    for task in sorted(main.loc[main["method"] == "learned", "task"].unique()):
+        weights = learned_generator_weights(frame, task)
+        util = utility[utility["task"] == task].set_index("generator")["utility"].dropna()
+        shared = [g for g in weights.index if g in util.index]
+        w, u = weights[shared].to_numpy(dtype=float), util[shared].to_numpy(dtype=float)
+        harmful, helpful = w[u < 0], w[u > 0]
+        ratio = (float(harmful.mean() / helpful.mean()) if harmful.size and helpful.size and helpful.mean() > 0
+                 else math.nan)
+        rho_quality, seeds = _row_weight_quality_rho(records, task)
+        rows.append({"task": task, "generators": len(shared), "rho_utility": spearman(w, u),
+                     "rho_quality": rho_quality, "weight_seeds": seeds, "harmful_helpful_ratio": ratio})
+    return pd.DataFrame(rows, columns=["task", "generators", "rho_utility", "rho_quality", "weight_seeds",
+                                       "harmful_helpful_ratio"])
+
+
+# --------------------------------------------------------------------------------------------------- markdown
+
+
+def _missing(v: Any) -> bool:
+    return v is None or v is pd.NA or (isinstance(v, float) and math.isnan(v))
+
+
+def _pct(v: Any, signed: bool = False) -> str:
+    return "–" if _missing(v) else f"{100 * v:{'+' if signed else ''}.1f}"
+
+
+def _num(v: Any, digits: int = 2) -> str:
+    return "–" if _missing(v) else f"{v:.{digits}f}"
+
+
+def _interval(mean: Any, low: Any, high: Any, scale: float = 100.0, digits: int = 1) -> str:
+    """``"+5.0 [-1.2, +11.3]"``; the bounds are left out when there are none (a single shared seed)."""
+    if _missing(mean):
+        return "–"
+    text = f"{scale * mean:+.{digits}f}"
+    if not (_missing(low) or _missing(high)):
+        text += f" [{scale * low:+.{digits}f}, {scale * high:+.{digits}f}]"
+    return text
+
+
+def _flag(v: Any, yes: str = "pass", no: str = "fail") -> str:
+    return "–" if _missing(v) else (yes if v else no)
+
+
+def markdown_table(display: pd.DataFrame) -> str:
+    """A DataFrame of display strings as a pipe table (``DataFrame.to_markdown`` when tabulate is installed).
+
+    Args:
+        display: The cells, already formatted.
+
+    Returns:
+        The table, without a trailing newline.
+    """
+    try:
+        import tabulate  # noqa: F401
+    except ImportError:
+        cells = [[str(c) for c in display.columns], *[[str(v) for v in row] for row in display.itertuples(False)]]
+        lines = ["| " + " | ".join(row) + " |" for row in cells]
+        lines.insert(1, "|" + "---|" * len(display.columns))
+        return "\n".join(lines)
+    # Numbers are formatted already: tabulate must not re-parse "70.0" into "70".
+    return display.to_markdown(index=False, disable_numparse=True)
+
+
+def _headroom_display(table: pd.DataFrame) -> pd.DataFrame:
+    return pd.DataFrame({
+        "task": table["task"],
+        "oracle %": table["oracle"].map(_pct),
+        "uniform %": table["uniform"].map(_pct),
+        "real_only %": table["real_only"].map(_pct),
+        "oracle − uniform (points)": table["headroom"].map(lambda v: _pct(v, signed=True)),
+        f"oracle ≥ {100 * ORACLE_TARGET:.0f} %": table["oracle_ok"].map(_flag),
+        f"headroom ≥ {100 * HEADROOM_TARGET:.0f} points": table["headroom_ok"].map(_flag),
+        "real_only below both": table["real_only_below"].map(_flag),
+    })
+
+
+def _method_display(table: pd.DataFrame) -> pd.DataFrame:
+    def half(row: pd.Series) -> str:
+        if _missing(row["half_width"]):
+            return "–"
+        text = f"{100 * row['half_width']:.1f}"
+        return text + f" (> {100 * HALF_WIDTH_TARGET:.0f})" if row["too_wide"] else text
+
+    def baseline(row: pd.Series) -> str:
+        if _missing(row["baseline"]):
+            return "–"
+        return f"{_interval(row['vs_baseline'], row['vs_baseline_low'], row['vs_baseline_high'])} vs " \
+               f"`{row['baseline']}`"
+
+    rows = table.to_dict("records")
+    return pd.DataFrame({
+        "task": table["task"],
+        "method": table["method"].map(lambda m: f"`{m}`"),
+        "seeds": table["n"].astype(str),
+        "success %": table["success"].map(_pct),
+        "IQM %": table["iqm"].map(_pct),
+        "Δ uniform (points)": [_interval(r["vs_uniform"], r["vs_uniform_low"], r["vs_uniform_high"]) for r in rows],
+        "half-width": table.apply(half, axis=1),
+        "Δ best baseline (points)": table.apply(baseline, axis=1),
+        "P(> uniform)": table["p_improvement"].map(_num),
+        "headroom recovered": table["headroom_recovered"].map(_num),
+        "test NLL": table["test_nll"].map(lambda v: _num(v, 3)),
+        "Δ NLL vs uniform": [_interval(r["nll_vs_uniform"], r["nll_vs_uniform_low"], r["nll_vs_uniform_high"],
+                                       scale=1.0, digits=3) for r in rows],
+    })
+
+
+def _utility_display(table: pd.DataFrame) -> pd.DataFrame:
+    rows = table.to_dict("records")
+    return pd.DataFrame({
+        "task": table["task"],
+        "generator": table["generator"].map(lambda g: f"`{g}`"),
+        "seeds": table["n"].astype(str),
+        "utility (points)": [_interval(r["utility"], r["low"], r["high"]) for r in rows],
+        "harmful": table["harmful"].map(lambda v: _flag(v, "yes", "no")),
+        "learned weight": table["learned_weight"].map(_num),
+    })
+
+
+def _weights_display(table: pd.DataFrame) -> pd.DataFrame:
+    return pd.DataFrame({
+        "task": table["task"],
+        "generators": table["generators"].astype(str),
+        "ρ(learned weight, utility)": table["rho_utility"].map(_num),
+        "ρ(row weight, quality)": table["rho_quality"].map(_num),
+        "seeds with row weights": table["weight_seeds"].astype(str),
+        "weight harmful / helpful": table["harmful_helpful_ratio"].map(_num),
+    })
+
+
+_DESCRIPTIONS = {
+    "headroom": "Mean success (%) of the oracle, `uniform` and `real_only` per task, and whether the task leaves "
+                f"room for reweighting (oracle ≥ {100 * ORACLE_TARGET:.0f} %, oracle − uniform ≥ "
+                f"{100 * HEADROOM_TARGET:.0f} points, `real_only` below both).",
+    "methods": "Per task and method (pool `all`): mean and IQM of success over seeds, paired differences in "
+               "points to `uniform` and to the best other non-oracle method, with 95 % paired-bootstrap intervals "
+               f"(half-widths above {100 * HALF_WIDTH_TARGET:.0f} points marked), P(method > uniform) over seeds, "
+               "share of the oracle's headroom recovered, and held-out test NLL.",
+    "utility": "Utility of each generator: success of `uniform` trained on the real rows plus that generator's "
+               "rows only, minus `real_only`'s, in points over shared seeds with its 95 % paired-bootstrap "
+               "interval; harmful when negative; `learned`'s mean weight of the generator's rows beside it.",
+    "weights": "Whether `learned` weighs generators by utility: Spearman ρ of its mean weight per generator and "
+               "the generator's utility, ρ of row weight and ground-truth row quality (mean over seeds), and the "
+               "mean weight of harmful generators over that of helpful ones (< 1: harmful ones weigh less).",
+}
+
+
+def report_sections(frame: pd.DataFrame, records: Sequence[Mapping[str, Any]] = (), n_boot: int = N_BOOT,
+                    seed: int = 0) -> dict[str, str]:
+    """The body (description line and table) of every ``results.md`` section, keyed as :data:`SECTIONS`.
+
+    Args:
+        frame: Runs as from :func:`load_frame`.
+        records: The run records (for the weight analysis' per-row weights).
+        n_boot: Bootstrap samples per interval.
+        seed: Seed of every bootstrap.
+
+    Returns:
+        ``{key: markdown}`` in section order; a section without data says so instead of a table.
+    """
+    utility = utility_table(frame, n_boot, seed)
+    tables = {"headroom": (headroom_table(frame), _headroom_display),
+              "methods": (method_table(frame, n_boot, seed), _method_display),
+              "utility": (utility, _utility_display),
+              "weights": (weight_analysis(frame, records, utility), _weights_display)}
+    empty = {"headroom": "No runs in the main comparison (pool `all`).",
+             "methods": "No runs in the main comparison (pool `all`).",
+             "utility": "No utility runs (`uniform` on a single generator's pool).",
+             "weights": "No `learned` runs in the main comparison."}
+    return {key: _DESCRIPTIONS[key] + "\n\n" + (markdown_table(display(table)) if len(table) else empty[key])
+            for key, (table, display) in tables.items()}
+
+
+def markdown(frame: pd.DataFrame, records: Sequence[Mapping[str, Any]] = (), command: str | None = None,
+             n_boot: int = N_BOOT, seed: int = 0) -> str:
+    """``results.md``: the command, then the headroom, methods, utility and weight analysis sections.
+
+    Args:
+        frame: Runs as from :func:`load_frame`.
+        records: The run records (for the weight analysis' per-row weights).
+        command: The command that ran the suite, shown at the top.
+        n_boot: Bootstrap samples per interval.
+        seed: Seed of every bootstrap.
+
+    Returns:
+        The markdown text.
+    """
+    lines = ["# BOOST benchmark: rollout success on held-out task instances", ""]
     if command:
         lines += [f"Command: `{command}`", ""]
-    lines += [
-        f"Preset `{preset['name']}`, model `{results[0].get('model')}`, device `{results[0].get('accelerator')}`"
-        + "".join(sorted({f", learned head reweights `{r['head_reweight']}` rows" for r in results
-                          if r.get("head_reweight", "all") != "all"}))
-        + ". "
-        f"Same budget for every method: {preset['steps']} inner (policy) steps, batch {preset['batch_size']}, "
-        f"policy lr {preset['lr']:g}, {preset['num_real']} real + {preset['num_synthetic']} synthetic trajectories "
-        f"({preset['shifted_fraction']:.0%} task-shifted, {preset['hallucinated_fraction']:.0%} hallucinated). "
-        "`learned` (BOOST) and `l2rw` also compute a hypergradient on a validation batch every inner step: extra "
-        "compute that the budget (counted in inner steps) does not charge them for. Success is the share of "
-        f"{preset['episodes']} held-out real instances (evaluation seeds, never in any training split) solved by "
-        "greedy play, in percent, mean ± 95 % CI (Student t) over seeds.",
-        "",
-    ]
-    tasks, methods = s["tasks"], s["methods"]
-    if tasks:
-        lines += ["| method | " + " | ".join(tasks) + " | mean | train s |",
-                  "|---|" + "---|" * (len(tasks) + 2)]
-        best = {t: max(np.mean(s["success"][(m, t)]) for m in methods if (m, t) in s["success"]) for t in tasks}
-        for m in methods:
-            cells, means = [], []
-            for t in tasks:
-                vals = s["success"].get((m, t), [])
-                mean, half = mean_ci(vals)
-                cell = fmt_ci(mean, half)
-                cells.append(f"**{cell}**" if vals and np.mean(vals) == best[t] else cell)
-                means.append(mean)
-            overall = float(np.nanmean(means)) if not all(math.isnan(x) for x in means) else math.nan
-            lines.append(f"| `{m}` | " + " | ".join(cells) + f" | {_f(overall * 100, 1)} | "
-                         f"{_f(float(np.mean(s['seconds'][m])), 0)} |")
-        lines.append("")
-        if "learned" in methods and len(methods) > 1:
-            lines += [f"BOOST (`learned`) is at least as good as every baseline on {len(s['boost_best_on'])} of "
-                      f"{len(tasks)} tasks" + (f" ({', '.join(s['boost_best_on'])})." if s["boost_best_on"] else ".")
-                      + (f" No method solved any instance of {', '.join(s['unsolved'])} (not counted)."
-                         if s["unsolved"] else ""), ""]
-    lines += _val_loss_section(s)
-    lines += _weight_section(s)
-    lines += _tradeoff_section(results)
-    lines += _ablation_section(results)
+    if frame.empty:
+        return "\n".join([*lines, "No finished runs yet.", ""])
+    tasks, methods = sorted(frame["task"].dropna().unique()), order_methods(frame["method"].dropna())
+    lines += [f"{len(frame)} runs; tasks {', '.join(tasks)}; methods {', '.join(f'`{m}`' for m in methods)}. "
+              "Success is the share of held-out real task instances solved by greedy play. Comparisons are "
+              f"paired by seed; intervals are {100 * LEVEL:.0f} % percentile intervals of {n_boot:,} bootstrap "
+              "resamples of the seed pairs.", ""]
+    for key, body in report_sections(frame, records, n_boot, seed).items():
+        lines += [f"## {SECTIONS[key]}", "", body, ""]
     return "\n".join(lines).rstrip() + "\n"
 
 
-def _val_loss_section(s: dict[str, Any]) -> list[str]:
-    """Held-out real validation loss per method × task: the quantity the outer level of BOOST minimises."""
-    tasks, methods = s["tasks"], s["methods"]
-    if not tasks or not s["val_loss"]:
-        return []
-    lines = ["## Held-out real validation loss", "",
-             "Agent-token NLL of the real validation trajectories after training (lower is better), mean ± 95 % CI "
-             "over seeds: the objective BOOST's outer level minimises.", "",
-             "| method | " + " | ".join(tasks) + " |", "|---|" + "---|" * len(tasks)]
-    best = {t: min((np.mean(s["val_loss"][(m, t)]) for m in methods if (m, t) in s["val_loss"]), default=math.nan)
-            for t in tasks}
+def write_reports(out_dir: str | Path, command: str | None = None) -> str:
+    """Write ``results.csv`` and ``results.md`` under ``out_dir`` from its ``runs/*.json``.
+
+    Args:
+        out_dir: The suite directory.
+        command: The command that ran the suite, shown at the top of ``results.md``.
+
+    Returns:
+        The markdown written to ``results.md``.
+    """
+    out_dir = Path(out_dir)
+    records = load_records(out_dir)
+    frame = frame_from_records(records)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    write_csv(frame, out_dir / "results.csv")
+    text = markdown(frame, records, command)
+    (out_dir / "results.md").write_text(text)
+    return text
+
+
+def console_table(frame: pd.DataFrame) -> str:
+    """A compact success table for the terminal: methods × tasks, mean success % over seeds (pool ``all``).
+
+    Args:
+        frame: Runs as from :func:`load_frame`.
+
+    Returns:
+        The table as plain text.
+    """
+    main = _main(frame)
+    if main.empty:
+        return "no runs in the main comparison (pool all)"
+    means = main.pivot_table(index="method", columns="task", values="success_rate", aggfunc="mean")
+    counts = main.pivot_table(index="method", columns="task", values="success_rate", aggfunc="count")
+    tasks, methods = sorted(means.columns), order_methods(list(means.index))
+    width = max(len(m) for m in [*methods, "method"])
+    cell = max([len(t) for t in tasks] + [10]) + 2
+    out = ["success % on held-out instances, mean over seeds (seeds)",
+           f"{'method':<{width}}" + "".join(f"{t:>{cell}}" for t in tasks)]
     for m in methods:
-        cells = []
-        for t in tasks:
-            vals = s["val_loss"].get((m, t), [])
-            cell = fmt_ci(*mean_ci(vals), scale=1.0, digits=3)
-            cells.append(f"**{cell}**" if vals and np.mean(vals) == best[t] else cell)
-        lines.append(f"| `{m}` | " + " | ".join(cells) + " |")
-    return lines + [""]
-
-
-def _weight_section(s: dict[str, Any]) -> list[str]:
-    if not s["analysis"]:
-        return []
-    lines = ["## Learned weights vs ground truth", "",
-             "Every training row scored by the trained head, normalised over the whole pool (pool mean = 1); the "
-             "ground truth (`meta`) is never shown to the head. ρ: Spearman correlation of weight and "
-             "`meta.quality` over synthetic rows. On-distribution: synthetic rows that are neither task-shifted "
-             "nor hallucinated. Mean over seeds.", "",
-             "| task | ρ(weight, quality) | ρ on-dist only | on-distribution | shifted (× on-dist) | "
-             "hallucinated (× on-dist) | real rows | weight mass real (row share) | pool ESS / N |",
-             "|---|---|---|---|---|---|---|---|---|"]
-    for task in [t for t in s["tasks"] if t in s["analysis"]]:
-        analyses = s["analysis"][task]
-        a = {k: _mean_of(analyses, k) for k in analyses[0]}
-        lines.append(
-            f"| {task} | {_f(a['spearman_quality'])} | {_f(a.get('spearman_on_distribution', math.nan))} | "
-            f"{_f(a['weight_on_distribution'])} | "
-            f"{_f(a['weight_shifted'])} ({_f(a['shifted_ratio'])}×) | {_f(a['weight_hallucinated'])} "
-            f"({_f(a['hallucinated_ratio'])}×) | {_f(a['weight_real'])} | {a['mass_real']:.1%} "
-            f"({a['share_real']:.1%}) | {_f(a['pool_ess_fraction'])} |")
-    lines += ["", "Mean weight per generator:", ""]
-    for task in [t for t in s["tasks"] if t in s["generators"]]:
-        gens = s["generators"][task]
-        keys = list(dict.fromkeys(k for g in gens for k in g))
-        lines.append(f"- {task}: " + ", ".join(f"{k} {_mean_of(gens, k):.2f}" for k in keys))
-    lines.append("")
-    if s["alignment"]:
-        lines += ["What the validation loss asked for: mean alignment −gᵢ / rms(g) of the rows of each generator over "
-                  "every outer step (gᵢ = ∂L_val/∂wᵢ, scaled per batch as the head sees it). Positive: a larger "
-                  "weight lowers the held-out real validation loss. The head can only learn what this signal says.",
-                  ""]
-        for task in [t for t in s["tasks"] if t in s["alignment"]]:
-            runs = s["alignment"][task]
-            keys = list(dict.fromkeys(k for a in runs for k in a))
-            lines.append(f"- {task}: " + ", ".join(f"{k} {_mean_of(runs, k):+.2f}" for k in keys))
-        lines.append("")
-    return lines
-
-
-def _tradeoff_section(results: Sequence[dict[str, Any]]) -> list[str]:
-    """Final values of the ``tradeoff/*`` metrics the module logged (mean over seeds), if any."""
-    main = [r for r in results if "main" in r["spec"]["axes"] and r.get("tradeoff")]
-    keys = sorted({k for r in main for k in r["tradeoff"]})
-    if not keys:
-        return []
-    grouped: dict[tuple[str, str], list[dict[str, float]]] = defaultdict(list)
-    for r in main:
-        grouped[(r["spec"]["method"], r["spec"]["task"])].append(r["tradeoff"])
-    lines = ["## Trade-off terms at the end of training", "",
-             "| method | task | " + " | ".join(f"`{k}`" for k in keys) + " |", "|---|---|" + "---|" * len(keys)]
-    for (method, task), values in sorted(grouped.items()):
-        lines.append(f"| `{method}` | {task} | " + " | ".join(_f(_mean_of(values, k), 3) for k in keys) + " |")
-    return [*lines, ""]
-
-
-def ablation_rows(results: Sequence[dict[str, Any]], axis: str) -> list[dict[str, Any]]:
-    """Runs on one ablation axis (``shifted``, ``pool``, ``regularizer``), flattened, sorted by axis value."""
-    key = {"shifted": "shifted_fraction", "pool": "num_synthetic", "regularizer": "regularizer_strength"}[axis]
-    rows = [flatten(r) | {"_key": r["spec"][key]} for r in results if axis in r["spec"]["axes"]]
-    return sorted(rows, key=lambda r: (r["method"], r["_key"], r["seed"]))
-
-
-def _ablation_section(results: Sequence[dict[str, Any]]) -> list[str]:
-    lines: list[str] = []
-    titles = {"shifted": ("Share of task-shifted synthetic rows", "shifted fraction", lambda v: f"{v:.0%}"),
-              "pool": ("Synthetic pool size", "pool size", lambda v: f"{v:d}"),
-              "regularizer": ("ESS regulariser strength of the head (`learned`)", "strength", lambda v: f"{v:g}")}
-    for axis, (title, label, fmt) in titles.items():
-        rows = ablation_rows(results, axis)
-        if not rows:
-            continue
-        if not lines:
-            lines += ["## Ablation: diversity vs task-shift vs ESS", "",
-                      f"On `{rows[0]['task']}`; everything else as in the main comparison.", ""]
-        lines += [f"### {title}", "",
-                  f"| method | {label} | success % | ESS / B (end of training) | pool ESS / N | ρ(weight, quality) | "
-                  "shifted × on-dist | hallucinated × on-dist |",
-                  "|---|---|---|---|---|---|---|---|"]
-        grouped: dict[tuple[str, Any], list[dict[str, Any]]] = defaultdict(list)
-        for row in rows:
-            grouped[(row["method"], row["_key"])].append(row)
-        for (method, value), group in grouped.items():
-            def col(name: str, group=group) -> float:
-                return _mean_of([{name: g[name]} for g in group if g.get(name) is not None], name)
-
-            mean, half = mean_ci([g["success_rate"] for g in group])
-            lines.append(f"| `{method}` | {fmt(value)} | {fmt_ci(mean, half)} | {_f(col('ess_fraction'))} | "
-                         f"{_f(col('pool_ess_fraction'))} | {_f(col('spearman_quality'))} | "
-                         f"{_f(col('shifted_ratio'))} | {_f(col('hallucinated_ratio'))} |")
-        lines.append("")
-    return lines
-
-
-def console_table(results: Sequence[dict[str, Any]]) -> str:
-    """A compact success table (percent, mean over seeds) for the terminal."""
-    s = summarize(results)
-    tasks, methods = s["tasks"], s["methods"]
-    width = max([len(m) for m in methods] + [8])
-    out = ["success % (held-out rollouts, mean over seeds)",
-           f"{'method':<{width}}" + "".join(f"{t[:16]:>18}" for t in tasks)]
-    for m in methods:
-        cells = [fmt_ci(*mean_ci(s["success"].get((m, t), []))) for t in tasks]
-        out.append(f"{m:<{width}}" + "".join(f"{c:>18}" for c in cells))
-    for task in [t for t in tasks if t in s["analysis"]]:
-        analyses = s["analysis"][task]
-        a = {k: _mean_of(analyses, k) for k in analyses[0]}
-        out.append(f"learned weights on {task}: rho(weight, quality) {_f(a['spearman_quality'])} "
-                   f"({_f(a.get('spearman_on_distribution', math.nan))} on-distribution only), shifted "
-                   f"{_f(a['shifted_ratio'])}x and hallucinated {_f(a['hallucinated_ratio'])}x the on-distribution "
-                   f"mean, real rows {_f(a['weight_real'])}, weight mass on real {a['mass_real']:.1%} "
-                   f"(row share {a['share_real']:.1%})")
+        cells = [f"{_pct(means.loc[m, t])} ({int(counts.loc[m, t])})" if not _missing(means.loc[m, t]) else "–"
+                 for t in tasks]
+        out.append(f"{m:<{width}}" + "".join(f"{c:>{cell}}" for c in cells))
     return "\n".join(out)
 
 
-def write_reports(out_dir: Path, results: Sequence[dict[str, Any]], command: str | None = None) -> str:
-    """Write ``results.csv`` and ``results.md`` under ``out_dir``; return the markdown."""
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    write_csv(out_dir / "results.csv", results)
-    text = markdown(results, command)
-    (out_dir / "results.md").write_text(text)
-    return text
+# ----------------------------------------------------------------------------------------------------- README
+
+
+def write_readme_section(readme_path: str | Path, markdown_or_frame: str | pd.DataFrame,
+                         plots_dir_relative: str) -> str:
+    """Replace the README text between the bench markers with the headroom, method and utility tables.
+
+    The markers themselves stay. Images are linked for the figures of :data:`plots.PLOT_FILES` that exist under
+    ``plots_dir_relative`` (relative to the README's folder).
+
+    Args:
+        readme_path: The README to edit in place.
+        markdown_or_frame: ``results.md`` text (from :func:`write_reports`), whose sections are copied, or the runs
+            as a DataFrame, from which the tables are computed.
+        plots_dir_relative: Folder of the figures, relative to the README (as it appears in the links).
+
+    Returns:
+        The text now between the markers.
+
+    Raises:
+        ValueError: The README lacks either marker, or the end marker precedes the begin marker.
+    """
+    from boost_lightning.bench.plots import PLOT_FILES
+
+    readme_path = Path(readme_path)
+    text = readme_path.read_text()
+    begin, end = text.find(README_BEGIN), text.find(README_END)
+    if begin < 0 or end < 0 or end < begin:
+        raise ValueError(f"{readme_path} needs {README_BEGIN} followed by {README_END}")
+    keys = ("headroom", "methods", "utility")
+    if isinstance(markdown_or_frame, pd.DataFrame):
+        bodies = report_sections(markdown_or_frame)
+    else:
+        bodies = _split_sections(markdown_or_frame)
+    parts = [f"### {SECTIONS[k]}\n\n{bodies[k].strip()}" for k in keys if k in bodies]
+    plots_dir = readme_path.parent / plots_dir_relative
+    images = [f"![{caption}]({plots_dir_relative.rstrip('/')}/{name})" for name, caption in PLOT_FILES.items()
+              if (plots_dir / name).is_file()]
+    if images:
+        parts.append("\n".join(images))
+    block = "\n\n".join(parts)
+    readme_path.write_text(text[:begin + len(README_BEGIN)] + "\n" + block + "\n" + text[end:])
+    return block
+
+
+def _split_sections(md: str) -> dict[str, str]:
+    """``results.md`` section bodies keyed as :data:`SECTIONS` (by their ``## `` headings)."""
+    by_title = {title: key for key, title in SECTIONS.items()}
+    out: dict[str, str] = {}
+    for chunk in re.split(r"^## ", md, flags=re.MULTILINE)[1:]:
+        title, _, body = chunk.partition("\n")
+        if title.strip() in by_title:
+            out[by_title[title.strip()]] = body.strip()
+    return out
+
+

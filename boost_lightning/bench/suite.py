@@ -1,32 +1,41 @@
-"""The method × task benchmark: run specs, presets and the resumable runner.
+"""The method × task benchmark: presets, run specs and the resumable runner.
 
-Every run trains one weighting (``learned`` is BOOST, the rest are baselines) on one embedded task with the same
-budget (inner steps, batch size, learning rate, model), then plays the trained policy greedily on held-out real
-task instances (the envs' evaluation seed range, never used for data) and records the rollout success rate.
+Every run is the product as a user runs it: ``configs/bench.yaml`` plus command-line overrides (task data, seed,
+weighting, budget) through the LightningCLI entry point (:func:`boost_lightning.cli.cli_main`, subcommand ``fit``).
+The trained module is then evaluated with a plain ``Trainer``: ``validate`` with the :class:`RolloutEvaluation`
+callback (greedy rollouts on held-out real instances, the envs' evaluation seed range: never used for data) and the
+validation loss, ``test`` (NLL on the held-out real test split) and ``predict`` with the
+:class:`TrajectoryWeightWriter` (the weighting's weight of every training row, real and synthetic on one scale).
 
-A run is identified by its :attr:`RunSpec.run_id`; a finished run leaves ``runs/<run_id>.json`` (its spec, the
-preset, metrics, training histories and, for ``learned``, the head's weight of every training row) and is skipped
-the next time. Runs happen in this process, one after another: importing torch and Lightning costs seconds, and a
-suite has dozens of runs.
+Common random numbers: for a given seed, every method starts from the same policy initialisation (the seed drives
+``seed_everything``), draws its batches in the same order where its rows allow it (methods that drop rows draw from
+fewer), and is evaluated on the same instances with greedy decoding.
+
+A run is identified by :attr:`RunSpec.run_id`; a finished run leaves ``runs/<run_id>.json`` and is skipped the next
+time (the suite is resumable at run granularity).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
-import math
+import sys
 import time
 import warnings
-from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, replace
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from boost_lightning.models.weight_head import effective_sample_size
+from boost_lightning.envs.base import TASKS
 from boost_lightning.weightings import WEIGHTINGS
 
-#: Randomly initialised Llama sizes ``--model`` accepts by name (anything else is a path or alias of a pretrained
-#: causal LM). The vocabulary is the embedded tasks' 1024-token tokenizer.
+#: The config every run starts from.
+BENCH_CONFIG = Path(__file__).resolve().parents[2] / "configs" / "bench.yaml"
+
+#: Randomly initialised Llama sizes a budget's ``model`` names (anything else is a path or alias of a pretrained causal
+#: LM). The vocabulary is the embedded tasks' 1024-token tokenizer.
 MODEL_SIZES: dict[str, dict[str, int]] = {
     "tiny": {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4,
              "num_key_value_heads": 2},
@@ -36,66 +45,64 @@ MODEL_SIZES: dict[str, dict[str, int]] = {
              "num_key_value_heads": 4},
 }
 
+#: The pool of the main comparison; a utility run's pool is one generator's name.
+MAIN_POOL = "all"
+
+
+@dataclass(frozen=True)
+class TaskBudget:
+    """What one task's runs get; every method of a task gets the same one.
+
+    Attributes:
+        steps: Inner (policy) steps per run. ``learned``, ``l2rw`` and ``group`` also pay an outer computation.
+        model: A size of :data:`MODEL_SIZES` or a pretrained model's path / alias.
+        lr: Policy learning rate (AdamW).
+        num_real: Real demonstrations.
+        num_validation: Validation rows (the outer objective).
+        num_synthetic: Synthetic pool size.
+    """
+
+    steps: int
+    model: str = "tiny"
+    lr: float = 3e-3
+    num_real: int = 64
+    num_validation: int = 64
+    num_synthetic: int = 2000
+
 
 @dataclass(frozen=True)
 class Preset:
-    """Budget and scale of a suite; every method of a suite gets the same one.
+    """Budget and scale of a suite.
 
     Attributes:
         name: Preset name (recorded with every run).
-        steps: Inner (policy) steps per run. ``learned`` and ``l2rw`` also pay an outer computation per step.
+        budgets: Per-task budget.
+        seeds: Training seeds per (task, method).
+        episodes: Held-out rollout episodes per run.
+        utility_seeds: Seeds of the utility runs (``uniform`` on real + one generator); 0: no utility runs.
         batch_size: Inner batch rows.
         validation_batch_size: Outer (validation) batch rows.
-        lr: Policy learning rate (AdamW).
-        head_lr: Head learning rate (Adam).
         max_length: Longest training row in tokens.
-        num_real: Real demonstrations.
-        num_synthetic: Synthetic pool size of the main comparison.
-        shifted_fraction: Share of task-shifted rows in the main comparison's pool.
-        hallucinated_fraction: Share of hallucinating-simulator rows.
-        episodes: Held-out rollout episodes per run.
         max_new_tokens: Generation budget per agent turn.
-        seeds: Seeds per (method, task) of the main comparison.
-        lora_r: LoRA rank.
-        regularizer: The head's regulariser used by the ablation's strength axis (``ess`` or ``entropy``).
-        ablation_shifted: Shifted fractions of the ablation axis.
-        ablation_pool_sizes: Synthetic pool sizes of the ablation axis.
-        ablation_strengths: Regulariser strengths of the ablation axis (``learned`` only).
-        ablation_methods: Methods run on the ablation axis.
-        ablation_seeds: Seeds per ablation point.
-        record_every: Inner batches per point of the training histories.
     """
 
     name: str
-    steps: int
+    budgets: Mapping[str, TaskBudget]
+    seeds: int = 5
+    episodes: int = 256
+    utility_seeds: int = 5
     batch_size: int = 16
     validation_batch_size: int = 16
-    lr: float = 3e-3
-    head_lr: float = 1e-3
     max_length: int = 384
-    num_real: int = 64
-    num_synthetic: int = 2000
-    shifted_fraction: float = 0.3
-    hallucinated_fraction: float = 0.1
-    episodes: int = 64
     max_new_tokens: int = 16
-    seeds: int = 3
-    lora_r: int = 16
-    regularizer: str = "ess"
-    ablation_shifted: tuple[float, ...] = (0.0, 0.3, 0.6)
-    ablation_pool_sizes: tuple[int, ...] = (500, 2000)
-    ablation_strengths: tuple[float, ...] = (0.0, 0.3, 3.0)
-    ablation_methods: tuple[str, ...] = ("uniform", "learned")
-    ablation_seeds: int = 1
-    record_every: int = 10
 
 
+_BUDGETS = {"maze": TaskBudget(steps=400), "guess_number": TaskBudget(steps=400),
+            "twenty_questions": TaskBudget(steps=400)}
 PRESETS: dict[str, Preset] = {
-    "quick": Preset(name="quick", steps=150, head_lr=3e-3, num_synthetic=600, episodes=16, seeds=1,
-                    ablation_shifted=(0.0, 0.3, 0.6), ablation_pool_sizes=(), ablation_strengths=(0.0, 3.0),
-                    record_every=10),
-    "full": Preset(name="full", steps=250, num_synthetic=2000, episodes=64, seeds=3, ablation_pool_sizes=(500, 2000),
-                   ablation_strengths=(0.0, 0.3, 3.0), record_every=20),
+    "quick": Preset(name="quick", budgets={t: TaskBudget(steps=60, num_synthetic=400) for t in TASKS}, seeds=1,
+                    episodes=32, utility_seeds=0),
+    "full": Preset(name="full", budgets=_BUDGETS, seeds=5, episodes=256, utility_seeds=5),
 }
 
 
@@ -105,85 +112,21 @@ class RunSpec:
 
     Attributes:
         task: Embedded task.
-        method: Weighting (``learned`` or a baseline).
+        method: Weighting (``learned`` is BOOST, ``oracle`` the ground-truth bound, the rest baselines).
         seed: Seed of the initialisation, the batch order and the head.
-        shifted_fraction: Share of task-shifted rows in the synthetic pool.
-        num_synthetic: Synthetic pool size.
-        regularizer_strength: Strength of the head's regulariser (``learned`` only).
-        axes: Which parts of the suite asked for this run (``main``, ``shifted``, ``pool``, ``regularizer``).
+        pool: ``all`` (the main comparison) or one generator: the run trains on real rows + that generator's rows.
     """
 
     task: str
     method: str
     seed: int
-    shifted_fraction: float
-    num_synthetic: int
-    regularizer_strength: float = 0.0
-    axes: tuple[str, ...] = ("main",)
+    pool: str = MAIN_POOL
 
     @property
     def run_id(self) -> str:
-        """A file-name-safe id of everything that changes the result (``axes`` does not)."""
-        reg = f"-reg{self.regularizer_strength:g}" if self.method == "learned" else ""
-        return (f"{self.task}-{self.method}-s{self.seed}-sf{self.shifted_fraction:g}-n{self.num_synthetic}{reg}")
-
-
-def resolve_methods(methods: str | Sequence[str]) -> list[str]:
-    """``all`` or a comma list (or sequence) of weightings → validated list, in the given order."""
-    names = methods.split(",") if isinstance(methods, str) else list(methods)
-    names = [n.strip() for n in names if n.strip()]
-    if names == ["all"]:
-        return list(WEIGHTINGS)
-    unknown = [n for n in names if n not in WEIGHTINGS]
-    if unknown or not names:
-        raise ValueError(f"unknown methods {unknown}; choose from {list(WEIGHTINGS)} or 'all'")
-    return names
-
-
-def plan(preset: Preset, tasks: Sequence[str], methods: Sequence[str], seeds: int | None = None,
-         ablation: bool = True, ablation_task: str | None = None) -> list[RunSpec]:
-    """The runs of a suite: every method × task × seed plus the ablation axes on one task.
-
-    Ablation points that coincide with a main run (same task, method, seed, pool) are that run, so they cost
-    nothing extra; such specs are merged and list every axis they belong to.
-
-    Args:
-        preset: Budget and ablation values.
-        tasks: Tasks of the main comparison.
-        methods: Methods of the main comparison.
-        seeds: Seeds per (method, task); default ``preset.seeds``.
-        ablation: Add the ablation axes.
-        ablation_task: Task of the ablation (default: the first of ``tasks``).
-    """
-    seeds = preset.seeds if seeds is None else seeds
-    base = {"shifted_fraction": preset.shifted_fraction, "num_synthetic": preset.num_synthetic}
-    specs: dict[str, RunSpec] = {}
-
-    def add(spec: RunSpec) -> None:
-        old = specs.get(spec.run_id)
-        specs[spec.run_id] = spec if old is None else replace(old, axes=tuple(dict.fromkeys(old.axes + spec.axes)))
-
-    # Seed 0 of the main comparison, then the ablation, then the other seeds: a suite stopped part-way (it resumes
-    # anyway) already has every method on every task, and the ablation, to report.
-    for task in tasks:
-        for method in methods:
-            add(RunSpec(task, method, 0, **base))
-    if ablation and tasks:
-        task = ablation_task or tasks[0]
-        for seed in range(preset.ablation_seeds):
-            for method in preset.ablation_methods:
-                for sf in preset.ablation_shifted:
-                    add(RunSpec(task, method, seed, sf, preset.num_synthetic, axes=("shifted",)))
-                for n in preset.ablation_pool_sizes:
-                    add(RunSpec(task, method, seed, preset.shifted_fraction, n, axes=("pool",)))
-            for strength in preset.ablation_strengths:
-                add(RunSpec(task, "learned", seed, preset.shifted_fraction, preset.num_synthetic, strength,
-                            axes=("regularizer",)))
-    for seed in range(1, seeds):
-        for task in tasks:
-            for method in methods:
-                add(RunSpec(task, method, seed, **base))
-    return list(specs.values())
+        """A file-name-safe id of everything that changes the result."""
+        only = "" if self.pool == MAIN_POOL else f"-only-{self.pool}"
+        return f"{self.task}-{self.method}-s{self.seed}{only}"
 
 
 @dataclass
@@ -193,18 +136,58 @@ class RunContext:
     Attributes:
         out_dir: The suite's directory (``<out>/<name>``): ``runs/``, ``tb/`` and the reports.
         cache_dir: Generated task data and tokenized splits, shared by suites under the same ``--out``.
-        model: A size of :data:`MODEL_SIZES` or a pretrained model's path / alias.
         accelerator: Lightning accelerator (``cpu``, ``gpu``, ``auto``).
         precision: Lightning precision (``32-true``, ``bf16-mixed``).
-        head_reweight: The ``learned`` head's ``reweight`` (``all`` or ``synthetic``, see ``WeightHead``).
+        overrides: Extra command-line overrides for every run (e.g. a head option), part of the result's identity.
     """
 
     out_dir: Path
     cache_dir: Path
-    model: str = "tiny"
-    accelerator: str = "cpu"
+    accelerator: str = "auto"
     precision: str = "32-true"
-    head_reweight: str = "all"
+    overrides: tuple[str, ...] = field(default_factory=tuple)
+
+
+def resolve_methods(methods: str | Sequence[str]) -> list[str]:
+    """``all`` or a comma list (or sequence) of weightings → validated list, in the given order."""
+    names = methods.split(",") if isinstance(methods, str) else list(methods)
+    names = [n.strip() for n in names if n.strip()]
+    if names == ["all"]:
+        return [name for name in WEIGHTINGS if name != "fixed"]  # ``fixed`` needs a file of weights
+    unknown = [n for n in names if n not in WEIGHTINGS]
+    if unknown or not names:
+        raise ValueError(f"unknown methods {unknown}; choose from {list(WEIGHTINGS)} or 'all'")
+    return names
+
+
+def data_settings(budget: TaskBudget) -> dict[str, Any]:
+    """Synthesizer settings of a task's data (the pool seed is fixed: seeds vary training, not data)."""
+    return {"num_real": budget.num_real, "num_validation": budget.num_validation,
+            "num_synthetic": budget.num_synthetic, "seed": 0}
+
+
+def generators(task: str, budget: TaskBudget) -> list[str]:
+    """The generators of a task's synthetic pool under ``budget``."""
+    from boost_lightning.envs.generators import pool_generators
+
+    return pool_generators(task, **data_settings(budget))
+
+
+def plan(preset: Preset, tasks: Sequence[str], methods: Sequence[str], seeds: int | None = None,
+         utility: bool = False) -> list[RunSpec]:
+    """The runs of a suite: every task × method × seed, seed-major (a suite stopped part-way already has every method
+    on every task), then with ``utility`` the utility runs (``uniform`` on real + each generator; ``real_only`` is
+    added to the main runs when missing, as the utility's reference).
+    """
+    seeds = preset.seeds if seeds is None else seeds
+    specs = [RunSpec(task, method, seed) for seed in range(seeds) for task in tasks for method in methods]
+    if utility and preset.utility_seeds:
+        for task in tasks:
+            for seed in range(preset.utility_seeds):
+                if "real_only" not in methods:
+                    specs.append(RunSpec(task, "real_only", seed))
+                specs += [RunSpec(task, "uniform", seed, g) for g in generators(task, preset.budgets[task])]
+    return list(dict.fromkeys(specs))
 
 
 def result_path(ctx: RunContext, spec: RunSpec) -> Path:
@@ -212,8 +195,14 @@ def result_path(ctx: RunContext, spec: RunSpec) -> Path:
     return ctx.out_dir / "runs" / f"{spec.run_id}.json"
 
 
+def identity(preset: Preset, ctx: RunContext, spec: RunSpec) -> dict[str, Any]:
+    """What a run's result depends on besides its spec: its task budget, the shared settings and the overrides."""
+    shared = {k: v for k, v in asdict(preset).items() if k not in ("name", "budgets", "seeds", "utility_seeds")}
+    return {"budget": asdict(preset.budgets[spec.task]), **shared, "overrides": list(ctx.overrides)}
+
+
 def is_finished(ctx: RunContext, spec: RunSpec, preset: Preset) -> bool:
-    """A result file exists for ``spec`` and was made with the same preset, model and head (else it is stale)."""
+    """A result file exists for ``spec`` and was made with the same budget and overrides (else it is stale)."""
     path = result_path(ctx, spec)
     if not path.exists():
         return False
@@ -221,16 +210,7 @@ def is_finished(ctx: RunContext, spec: RunSpec, preset: Preset) -> bool:
         record = json.loads(path.read_text())
     except json.JSONDecodeError:
         return False
-    same_head = spec.method != "learned" or record.get("head_reweight", "all") == ctx.head_reweight
-    return (record.get("preset") == json.loads(json.dumps(asdict(preset))) and record.get("model") == ctx.model
-            and same_head)
-
-
-def data_settings(preset: Preset, spec: RunSpec) -> dict[str, Any]:
-    """Synthesizer settings of a run's data (the pool seed is fixed: seeds vary training, not data)."""
-    return {"num_real": preset.num_real, "num_validation": 64, "num_synthetic": spec.num_synthetic,
-            "shifted_fraction": spec.shifted_fraction, "hallucinated_fraction": preset.hallucinated_fraction,
-            "seed": 0}
+    return record.get("identity") == json.loads(json.dumps(identity(preset, ctx, spec)))
 
 
 def run_suite(specs: Sequence[RunSpec], preset: Preset, ctx: RunContext, force: bool = False,
@@ -257,9 +237,9 @@ def run_suite(specs: Sequence[RunSpec], preset: Preset, ctx: RunContext, force: 
             tmp.replace(path)  # a result file exists only once complete: an interrupted run is redone
             counts["ran"] += 1
             bar.update(1)
-            bar.write(f"  {spec.run_id}: success {result['metrics']['success_rate']:.3f} "
-                      f"({result['metrics']['train_seconds']:.0f} s train, {result['metrics']['eval_seconds']:.0f} s "
-                      f"eval)")
+            row = result["row"]
+            bar.write(f"  {spec.run_id}: success {row['success_rate']:.3f}, test NLL {row['test_nll']:.3f} "
+                      f"({row['train_seconds']:.0f} s train, {result['eval_seconds']:.0f} s eval)")
     return counts
 
 
@@ -267,230 +247,165 @@ def _quiet() -> None:
     import datasets
 
     datasets.disable_progress_bars()
-    for name in ("lightning.pytorch", "lightning.fabric", "lightning", "transformers", "datasets"):
+    for name in ("lightning.pytorch", "lightning.fabric", "lightning", "transformers", "datasets",
+                 "boost_lightning"):
         logging.getLogger(name).setLevel(logging.ERROR)
     for pattern in (".*does not have many workers.*", ".*LoRA.*", ".*modules_to_save.*", ".*log_every_n_steps.*",
                     ".*Checkpoint directory.*", ".*TensorBoard.*", ".*tensorboardX.*", ".*LeafSpec.*",
-                    ".*is_gradient_checkpointing.*"):
+                    ".*is_gradient_checkpointing.*", ".*exists and is not empty.*", ".*longer than max_length.*",
+                    ".*truncated.*"):
         warnings.filterwarnings("ignore", message=pattern)
 
 
-def _build_policy(ctx: RunContext, preset: Preset, tokenizer, seed: int):
-    from boost_lightning.models import PolicyModel
+def _only(path: Path, generator: str, out: Path) -> Path:
+    """The rows of one generator of a synthetic JSONL file, written once next to the suite's cache."""
+    target = out / f"{path.parent.name}-{hashlib.sha256(generator.encode()).hexdigest()[:8]}-{generator}.jsonl"
+    if not target.exists():
+        from boost_lightning.envs.synthesize import read_jsonl, write_jsonl
 
-    if ctx.model in MODEL_SIZES:
-        # Random init: embeddings and LM head must be learned, so they train in full next to the LoRA adapters.
-        config = {"model_type": "llama", "vocab_size": len(tokenizer), **MODEL_SIZES[ctx.model],
-                  "max_position_embeddings": 2048, "pad_token_id": tokenizer.pad_token_id,
-                  "bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id,
-                  "tie_word_embeddings": False}
-        return PolicyModel(config=config, r=preset.lora_r, lora_alpha=2 * preset.lora_r,
-                           modules_to_save=["embed_tokens", "lm_head"], seed=seed)
-    return PolicyModel(model_name_or_path=ctx.model, r=preset.lora_r, lora_alpha=2 * preset.lora_r, seed=seed)
+        rows = [r for r in read_jsonl(path) if r["meta"]["generator"] == generator]
+        if not rows:
+            raise ValueError(f"no rows of generator {generator!r} in {path}")
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = target.with_suffix(".tmp")
+        write_jsonl(tmp, rows)
+        tmp.replace(target)
+    return target
 
 
-def _tokenizer(ctx: RunContext, preset: Preset, task: str):
-    """One tokenizer per task for every run: the embedded one of the main pool, or the pretrained model's."""
-    from boost_lightning.data.tokenizer import load_tokenizer
-    from boost_lightning.envs.embedded import ensure_embedded
-
-    if ctx.model in MODEL_SIZES:
-        base = RunSpec(task, "uniform", 0, preset.shifted_fraction, preset.num_synthetic)
-        data = ensure_embedded(task, cache_dir=ctx.cache_dir / "embedded", **data_settings(preset, base))
-        return load_tokenizer(str(data / "tokenizer"))
-    from boost_lightning.models.pretrained import resolve_model_path
-
-    return load_tokenizer(resolve_model_path(ctx.model))
+def cli_arguments(spec: RunSpec, preset: Preset, ctx: RunContext, files: Mapping[str, Path]) -> list[str]:
+    """The ``main.py fit`` command line of a run (after ``fit``): ``configs/bench.yaml`` plus overrides."""
+    budget = preset.budgets[spec.task]
+    args = ["--config", str(BENCH_CONFIG), f"--seed_everything={spec.seed}",
+            f"--trainer.default_root_dir={ctx.out_dir}", f"--trainer.accelerator={ctx.accelerator}",
+            f"--trainer.precision={ctx.precision}", f"--trainer.logger.init_args.name={spec.run_id}",
+            f"--model.max_inner_steps={budget.steps}", f"--model.policy_optimizer.init_args.lr={budget.lr}",
+            f"--data.batch_size={preset.batch_size}", f"--data.validation_batch_size={preset.validation_batch_size}",
+            f"--data.max_length={preset.max_length}", f"--data.cache_dir={ctx.cache_dir / 'datasets'}"]
+    args += [f"--data.{split}={files[split]}" for split in ("real", "synthetic", "validation", "test")]
+    if budget.model in MODEL_SIZES:
+        args.append(f"--data.tokenizer={files['tokenizer']}")
+        args += [f"--model.policy.init_args.config.{k}={v}" for k, v in MODEL_SIZES[budget.model].items()]
+    else:  # a pretrained model: its own tokenizer, LoRA only
+        args += [f"--data.tokenizer={budget.model}", "--model.policy.init_args.config=null",
+                 f"--model.policy.init_args.model_name_or_path={budget.model}",
+                 "--model.policy.init_args.modules_to_save=null"]
+    if spec.method != "learned":  # the config's weighting is ``learned`` with the library's default head
+        args.append(f"--model.weighting={spec.method}")
+    return args + list(ctx.overrides)
 
 
 def run_one(spec: RunSpec, preset: Preset, ctx: RunContext) -> dict[str, Any]:
-    """Train ``spec.method`` on ``spec.task`` with the preset's budget, evaluate by rollout, analyse the weights.
+    """Fit ``spec.method`` on ``spec.task`` through the CLI, then validate (rollouts), test and predict.
 
     Returns:
-        The run's record: ``run_id``, ``spec``, ``preset``, ``model``, ``metrics``, ``history``, ``tradeoff`` and
-        (``learned``) ``weights``.
+        The run's record: ``run_id``, ``spec``, ``identity``, ``row`` (the ``results.csv`` row), ``history``,
+        ``eval_seconds`` and, for weightings that score rows, ``weights`` (per-row pool weights with their ground
+        truth, for the weight analysis).
     """
-    import torch
-    from lightning.pytorch import Trainer, seed_everything
-    from lightning.pytorch.loggers import TensorBoardLogger
+    from lightning.pytorch import Trainer
 
-    from boost_lightning.callbacks import WeightDiagnostics
-    from boost_lightning.data.datamodule import BoostDataModule
+    from boost_lightning.bench.recorder import HistoryRecorder
+    from boost_lightning.callbacks import TrajectoryWeightWriter
+    from boost_lightning.cli import cli_main
     from boost_lightning.envs.base import EVAL_SEED_START
-    from boost_lightning.envs.embedded import ensure_embedded
-    from boost_lightning.envs.rollout import evaluate_policy
-    from boost_lightning.models import WeightHead
-    from boost_lightning.module import BoostModule
-    from boost_lightning.weightings import Learned
+    from boost_lightning.envs.embedded import embedded_splits
+    from boost_lightning.evaluation import RolloutEvaluation
 
-    _quiet()  # after the imports: importing lightning resets its loggers' levels
-    data = ensure_embedded(spec.task, cache_dir=ctx.cache_dir / "embedded", **data_settings(preset, spec))
-    tokenizer = _tokenizer(ctx, preset, spec.task)
-    seed_everything(spec.seed, workers=True, verbose=False)
-    dm = BoostDataModule(real=str(data / "real.jsonl"), synthetic=str(data / "synthetic.jsonl"),
-                         validation=str(data / "validation.jsonl"), tokenizer=tokenizer, batch_size=preset.batch_size,
-                         validation_batch_size=preset.validation_batch_size, max_length=preset.max_length,
-                         drop_truncated=True, seed=spec.seed, cache_dir=str(ctx.cache_dir / "datasets"))
-    policy = _build_policy(ctx, preset, tokenizer, spec.seed)
-    head = WeightHead(regularizer=preset.regularizer if spec.regularizer_strength > 0 else "none",
-                      regularizer_strength=spec.regularizer_strength, reweight=ctx.head_reweight, seed=spec.seed)
-    lr, head_lr = preset.lr, preset.head_lr
-    weighting = Learned(head) if spec.method == "learned" else spec.method
-    module = BoostModule(policy, weighting, policy_optimizer=lambda p: torch.optim.AdamW(p, lr=lr),
-                         head_optimizer=lambda p: torch.optim.Adam(p, lr=head_lr),
-                         max_inner_steps=preset.steps)
-    # At least ~10 points per history, also for very short runs.
-    every = max(1, min(preset.record_every, preset.steps // 10))
-    diagnostics = WeightDiagnostics(every_n_steps=every, group_by="generator")
-    recorder = HistoryRecorder(every_n_steps=every)
-    logger = TensorBoardLogger(save_dir=str(ctx.out_dir / "tb"), name=spec.run_id, version="", default_hp_metric=False)
-    trainer = Trainer(accelerator=ctx.accelerator, devices=1, precision=ctx.precision, max_epochs=10_000,
-                      logger=logger, callbacks=[diagnostics, recorder], enable_checkpointing=False,
-                      enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
-                      num_sanity_val_steps=0, log_every_n_steps=every, use_distributed_sampler=False,
-                      default_root_dir=str(ctx.out_dir))
+    _quiet()
+    budget = preset.budgets[spec.task]
+    files = dict(embedded_splits(spec.task, cache_dir=ctx.cache_dir / "embedded", **data_settings(budget)))
+    if spec.pool != MAIN_POOL:
+        files["synthetic"] = _only(files["synthetic"], spec.pool, ctx.cache_dir / "pools")
+    every = max(1, min(10, budget.steps // 10))
+    args = ["fit", *cli_arguments(spec, preset, ctx, files), f"--diagnostics.every_n_steps={every}",
+            "--trainer.callbacks+=boost_lightning.bench.recorder.HistoryRecorder",
+            f"--trainer.callbacks.every_n_steps={every}"]
+    _quiet()  # importing Lightning resets its loggers' levels
     start = time.perf_counter()
-    trainer.fit(module, datamodule=dm)
+    argv, sys.argv = sys.argv, sys.argv[:1]  # the run's arguments are ``args``, not the bench's own command line
+    try:
+        cli = cli_main(args)
+    finally:
+        sys.argv = argv
     train_seconds = time.perf_counter() - start
-    tradeoff = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("tradeoff/")}
+    recorder = next(c for c in cli.trainer.callbacks if isinstance(c, HistoryRecorder))
 
-    device = trainer.strategy.root_device
-    module.to(device).eval()
+    module, dm = cli.model, cli.datamodule
+    weights_file = ctx.out_dir / "weights" / f"{spec.run_id}.jsonl"
+    rollout = RolloutEvaluation(env=spec.task, num_episodes=preset.episodes, max_new_tokens=preset.max_new_tokens,
+                                batch_size=min(preset.episodes, 64), seed=EVAL_SEED_START, num_transcripts=2)
+    evaluator = Trainer(accelerator=ctx.accelerator, devices=1, precision=ctx.precision, logger=cli.trainer.logger,
+                        callbacks=[rollout, TrajectoryWeightWriter(output_path=str(weights_file))],
+                        enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False,
+                        default_root_dir=str(ctx.out_dir))
     start = time.perf_counter()
-    rollout = evaluate_policy(module.policy.model, tokenizer, spec.task, num_episodes=preset.episodes,
-                              seed=EVAL_SEED_START, max_new_tokens=preset.max_new_tokens,
-                              batch_size=min(preset.episodes, 32))
+    val = evaluator.validate(module, datamodule=dm, verbose=False)[0]
+    test = evaluator.test(module, datamodule=dm, verbose=False)[0]
+    pool = _score_pool(evaluator, module, dm, weights_file)
     eval_seconds = time.perf_counter() - start
-    val_loss = _mean_loss(module, dm, "validation", device, preset.validation_batch_size)
 
-    metrics = {
-        "success_rate": rollout.success_rate, "mean_return": rollout.mean_return, "mean_turns": rollout.mean_turns,
-        "val_loss": val_loss, "inner_steps": module.inner_steps, "outer_steps": module.outer_steps,
-        "train_seconds": train_seconds, "eval_seconds": eval_seconds,
-        "ess_fraction": recorder.ess_fraction[-1] if recorder.ess_fraction else 1.0,
+    result = rollout.last_result
+    row: dict[str, Any] = {
+        "task": spec.task, "method": spec.method, "seed": spec.seed, "pool": spec.pool,
+        "success_rate": result.success_rate, "episodes": len(result.seeds), "val_loss": float(val["val/loss"]),
+        "test_nll": float(test["test/loss"]), "train_seconds": train_seconds,
+        "ess_fraction": recorder.ess_fraction[-1] if recorder.ess_fraction else float("nan"),
+        "inner_steps": module.inner_steps, "mean_return": result.mean_return,
     }
-    result: dict[str, Any] = {
-        "run_id": spec.run_id, "spec": asdict(spec), "preset": asdict(preset), "model": ctx.model,
-        "accelerator": str(device), "metrics": metrics, "tradeoff": tradeoff,
+    record: dict[str, Any] = {
+        "run_id": spec.run_id, "spec": asdict(spec), "identity": identity(preset, ctx, spec), "row": row,
+        "eval_seconds": eval_seconds, "successes": [bool(s) for s in result.successes],
         "history": {"step": recorder.steps, "ess_fraction": recorder.ess_fraction,
-                    "tradeoff": recorder.tradeoff, "generators": diagnostics.history},
+                    "generators": _diagnostics_history(cli.trainer)},
     }
-    if spec.method == "learned":
-        result["weights"] = score_pool(module, dm, device, preset.validation_batch_size)
-        result["alignment"] = recorder.alignment
-        result["head_reweight"] = ctx.head_reweight
-        metrics["pool_ess_fraction"] = result["weights"]["pool_ess_fraction"]
-    return result
+    if pool is not None:
+        row.update({f"weight/{g}": w for g, w in pool["per_generator"].items()})
+        row["pool_ess_fraction"] = pool["ess_fraction"]
+        if spec.method == "learned":
+            record["weights"] = pool["rows"]
+    return record
 
 
-def _make_recorder_class():
-    from lightning.pytorch import Callback
+def _diagnostics_history(trainer) -> list[dict[str, float]]:
+    from boost_lightning.callbacks import WeightDiagnostics
 
-    from boost_lightning.bilevel.hypergradient import unit_rms
-
-    class _HistoryRecorder(Callback):
-        """Mean batch ESS / B over windows of ``every_n_steps`` inner batches, and any ``tradeoff/*`` metrics."""
-
-        def __init__(self, every_n_steps: int) -> None:
-            self.every_n_steps = every_n_steps
-            self.steps: list[int] = []
-            self.ess_fraction: list[float] = []
-            self.tradeoff: list[dict[str, float]] = []
-            self._window: list[float] = []
-            self._alignment: dict[str, list[float]] = {}
-
-        @property
-        def alignment(self) -> dict[str, float]:
-            """Mean alignment −gᵢ/rms(g) per generator (real rows: ``real``) over every outer step of the run."""
-            return {k: sum(v) / len(v) for k, v in sorted(self._alignment.items())}
-
-        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-            if not isinstance(outputs, dict) or "weights" not in outputs:
-                return
-            g = outputs.get("hypergradient")
-            if g is not None:
-                # Scale-free per batch, as the head sees it: > 0 means a larger weight lowers the validation loss.
-                a = (-unit_rms(g.float())).tolist()
-                for value, meta, synthetic in zip(a, batch["inner"]["meta"], outputs["is_synthetic"].tolist()):
-                    key = str((meta or {}).get("generator", "?")) if synthetic else "real"
-                    self._alignment.setdefault(key, []).append(value)
-            w = outputs["weights"].float()
-            self._window.append(float(effective_sample_size(w)) / w.shape[0])
-            if len(self._window) >= self.every_n_steps:
-                self.steps.append(int(pl_module.inner_steps))
-                self.ess_fraction.append(sum(self._window) / len(self._window))
-                self.tradeoff.append({k: float(v) for k, v in trainer.callback_metrics.items()
-                                      if k.startswith("tradeoff/")})
-                self._window = []
-
-    return _HistoryRecorder
+    found = [c for c in trainer.callbacks if isinstance(c, WeightDiagnostics)]
+    return found[0].history if found else []
 
 
-def HistoryRecorder(every_n_steps: int):  # noqa: N802  (a factory: Lightning is imported lazily)
-    """A callback recording ESS/B (and ``tradeoff/*`` metrics) over training; built on first use."""
-    return _make_recorder_class()(every_n_steps)
+def _score_pool(evaluator, module, dm, path: Path) -> dict[str, Any] | None:
+    """``predict`` over real + synthetic rows: mean weight per generator (real rows: ``real``), the pool's ESS, and
+    per-row weights with their ground truth. None for a weighting that cannot score rows outside a training step
+    (``l2rw``: its weights are a batch's hypergradient)."""
+    import math
 
-
-def _loader(dm, name: str, batch_size: int):
-    from torch.utils.data import DataLoader
-
-    from boost_lightning.data.collate import TrajectoryCollator
-
-    return DataLoader(dm.splits[name].dataset, batch_size=batch_size, shuffle=False,
-                      collate_fn=TrajectoryCollator(dm.tokenizer.pad_token_id))
-
-
-def _to(batch: dict[str, Any], device) -> dict[str, Any]:
-    return {k: v.to(device) if hasattr(v, "to") else v for k, v in batch.items()}
-
-
-def _mean_loss(module, dm, split: str, device, batch_size: int) -> float:
     import torch
 
-    total, count = 0.0, 0
-    with torch.no_grad():
-        for batch in _loader(dm, split, batch_size):
-            loss = module.policy.trajectory_forward(_to(batch, device)).loss
-            total, count = total + float(loss.sum()), count + loss.shape[0]
-    return total / max(count, 1)
+    from boost_lightning.models.weight_head import effective_sample_size
 
-
-def score_pool(module, dm, device, batch_size: int) -> dict[str, Any]:
-    """The trained head's weight for every training row (real and synthetic), normalised over the whole pool.
-
-    Weights use the head's own normalisation applied to all rows at once, so they are relative to the pool mean
-    (= 1). The ground truth (``meta``) is read here for the analysis only; the head never sees it.
-
-    Returns:
-        ``{"real_weights": [...], "synthetic": {"weight", "quality", "generator", "shifted", "hallucinated"}
-        (lists, one entry per synthetic row), "pool_ess_fraction"}``.
-    """
-    import torch
-
-    weighting = module.weighting
-    scores, synthetic, metas = [], [], []
-    with torch.no_grad():
-        for split in ("real", "synthetic"):
-            for batch in _loader(dm, split, batch_size):
-                batch = _to(batch, device)
-                out = module.policy.trajectory_forward(batch)
-                scores.append(weighting.scores(weighting.inputs(out, batch)).float().cpu())
-                synthetic += [split == "synthetic"] * out.loss.shape[0]
-                metas += batch["meta"]
-        weights = weighting.normalize(torch.cat(scores), torch.tensor(synthetic)).tolist()
-    n = len(weights)
-    ess = float(effective_sample_size(torch.tensor(weights, dtype=torch.float64))) / max(n, 1)
-    syn = [(w, m) for w, m, s in zip(weights, metas, synthetic) if s]
+    try:
+        evaluator.predict(module, datamodule=dm, return_predictions=False)
+    except NotImplementedError:
+        return None
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    by_generator: dict[str, list[float]] = {}
+    for r in rows:
+        key = "real" if r["source"] == "real" else str((r.get("meta") or {}).get("generator", "?"))
+        by_generator.setdefault(key, []).append(float(r["weight"]))
+    weights = torch.tensor([float(r["weight"]) for r in rows], dtype=torch.float64)
+    synthetic = [r for r in rows if r["source"] == "synthetic"]
     return {
-        "real_weights": [round(w, 5) for w, s in zip(weights, synthetic) if not s],
-        "synthetic": {
-            "weight": [round(w, 5) for w, _ in syn],
-            "quality": [float(m.get("quality", math.nan)) for _, m in syn],
-            "generator": [str(m.get("generator", "?")) for _, m in syn],
-            "shifted": [bool(m.get("shifted", False)) for _, m in syn],
-            "hallucinated": [bool(m.get("hallucinated", False)) for _, m in syn],
+        "per_generator": {g: sum(v) / len(v) for g, v in sorted(by_generator.items())},
+        "ess_fraction": float(effective_sample_size(weights)) / max(len(rows), 1),
+        "rows": {
+            "real_weights": [round(float(r["weight"]), 5) for r in rows if r["source"] == "real"],
+            "synthetic": {
+                "weight": [round(float(r["weight"]), 5) for r in synthetic],
+                "quality": [float((r.get("meta") or {}).get("quality", math.nan)) for r in synthetic],
+                "generator": [str((r.get("meta") or {}).get("generator", "?")) for r in synthetic],
+            },
         },
-        "pool_ess_fraction": ess,
     }
 
 

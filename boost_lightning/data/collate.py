@@ -8,7 +8,9 @@ Batch contract (:class:`TrajectoryCollator`): a dict with
     ``obs_mask``: BoolTensor [B, T], user/tool content tokens;
     ``num_agent_tokens``, ``num_turns``, ``length``, ``row_id``: LongTensor [B];
     ``reward``, ``is_synthetic``: FloatTensor [B];
-    ``task_id``: list[str]; ``meta``: list[dict].
+    ``task_id``: list[str]; ``meta``: list[dict]; ``content_hash``: list[str], the
+    :func:`~boost_lightning.data.sources.content_hash` of each row's messages (when the rows carry it, as the splits of
+    :func:`~boost_lightning.data.sources.load_splits` do).
 A training batch of :class:`~boost_lightning.data.datamodule.BoostDataModule` is ``{"inner": batch, "outer": batch}``.
 
 Plain torch: no lightning import, usable with any ``DataLoader`` over the tokenized splits of
@@ -69,4 +71,6 @@ class TrajectoryCollator:
             batch[name] = torch.tensor([row[name] for row in rows], dtype=dtype)
         batch["task_id"] = [row["task_id"] for row in rows]
         batch["meta"] = [json.loads(row["meta"]) for row in rows]
+        if "content_hash" in rows[0]:
+            batch["content_hash"] = [row["content_hash"] for row in rows]
         return batch

@@ -14,22 +14,29 @@ its r-th slice, so rank order is row order; with ``real_fraction`` this holds wh
 
 from __future__ import annotations
 
+import json
 import logging
 import os
+from collections.abc import Callable
 from typing import Any
 
 from datasets import Dataset, concatenate_datasets
 from lightning.pytorch import LightningDataModule
+from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities.combined_loader import CombinedLoader
 from torch.utils.data import DataLoader
 from transformers import PreTrainedTokenizerBase
 
 from boost_lightning.data.collate import TrajectoryCollator
+from boost_lightning.data.report import DataReport
 from boost_lightning.data.sampling import MixedSampler, ShardSampler
-from boost_lightning.data.sources import DataSpec, LoadedSplit, load_splits
+from boost_lightning.data.sources import DataSpec, LoadedSplit, load_splits, split_row_stats
 from boost_lightning.data.tokenizer import load_tokenizer
 
 logger = logging.getLogger(__name__)
+
+#: ``predict`` value that scores the real and synthetic splits together.
+PREDICT_TRAIN = "train"
 
 
 class BoostDataModule(LightningDataModule):
@@ -73,6 +80,15 @@ class BoostDataModule(LightningDataModule):
             :mod:`boost_lightning.cache`).
         predict: Trajectories for ``predict_dataloader`` (e.g. to score every synthetic row); defaults to
             ``synthetic`` (or ``real`` when there is no synthetic split). Rows without ``source`` are synthetic.
+            ``train``: the real and synthetic splits together, in that order, so that one ``predict`` call puts
+            both on one scale; every row keeps its own split's ``row_id``.
+        test: Held-out real trajectories for ``test`` (``python main.py test``: the policy's NLL on them, a
+            low-variance metric disjoint from validation); defaults to the validation split.
+        report_only: Print a report of the training data and stop: per split, per source and per
+            ``meta.generator``, the rows, turns, token lengths before truncation (p50/p90/p99/max), rows truncated and
+            agent tokens lost. ``python main.py fit --config ... --data.report_only true`` then exits without
+            training and writes nothing. Without it, a ``fit`` writes the same table to TensorBoard (text
+            ``data/report``) when a TensorBoard logger is attached; ``report()`` returns it.
     """
 
     def __init__(
@@ -90,6 +106,8 @@ class BoostDataModule(LightningDataModule):
         seed: int | None = None,
         cache_dir: str | None = None,
         predict: str | Dataset | None = None,
+        test: str | Dataset | None = None,
+        report_only: bool = False,
     ) -> None:
         super().__init__()
         if validation is None:
@@ -102,9 +120,10 @@ class BoostDataModule(LightningDataModule):
             raise ValueError(f"real_fraction must be in [0, 1], got {real_fraction}")
         self.specs: dict[str, DataSpec | None] = {"real": real, "synthetic": synthetic, "validation": validation}
         # Datasets and tokenizer objects do not belong in checkpoints' hyperparameters.
-        objects = {**self.specs, "tokenizer": tokenizer, "predict": predict}
+        objects = {**self.specs, "tokenizer": tokenizer, "predict": predict, "test": test}
         self.save_hyperparameters(ignore=[name for name, value in objects.items() if not _plain(value)])
-        if predict is not None:
+        self._predict_train = isinstance(predict, str) and predict == PREDICT_TRAIN
+        if predict is not None and not self._predict_train:
             self.specs["predict"] = predict
         self._tokenizer_spec = tokenizer
         self._tokenizer: PreTrainedTokenizerBase | None = None
@@ -116,8 +135,13 @@ class BoostDataModule(LightningDataModule):
         self.num_workers = num_workers
         self.seed = int(os.environ.get("PL_GLOBAL_SEED", 0)) if seed is None else seed
         self.cache_dir = cache_dir
+        if test is not None:
+            self.specs["test"] = test
         self.splits: dict[str, LoadedSplit] = {}
+        # Row indices kept per training split (``keep_rows``); None: every row.
+        self._kept: dict[str, list[int]] | None = None
         self._resume: dict[str, int] | None = None  # position loaded from a checkpoint, for the next train loader
+        self.report_only = report_only
 
     @property
     def tokenizer(self) -> PreTrainedTokenizerBase:
@@ -140,17 +164,21 @@ class BoostDataModule(LightningDataModule):
         train = [name for name in ("real", "synthetic") if self.specs[name] is not None]
         if stage == "fit":
             return [*train, "validation"]
-        if stage in ("validate", "test"):
+        if stage == "validate":
             return ["validation"]
+        if stage == "test":
+            return ["test" if "test" in self.specs else "validation"]
         if stage == "predict":
-            return [self._predict_split]
-        return [*train, "validation", *(["predict"] if "predict" in self.specs else [])]
+            return self.predict_splits
+        return [*train, "validation", *(name for name in ("predict", "test") if name in self.specs)]
 
     @property
-    def _predict_split(self) -> str:
+    def predict_splits(self) -> list[str]:
+        """The splits ``predict_dataloader`` reads, in order (their specs are in ``specs``)."""
         if "predict" in self.specs:
-            return "predict"
-        return "synthetic" if self.specs["synthetic"] is not None else "real"
+            return ["predict"]
+        train = [name for name in ("real", "synthetic") if self.specs[name] is not None]
+        return train if self._predict_train else train[-1:]
 
     def _load(self, names: list[str]) -> dict[str, LoadedSplit]:
         return load_splits(
@@ -170,6 +198,32 @@ class BoostDataModule(LightningDataModule):
         missing = [name for name in self._stage_splits(stage) if name not in self.splits]
         if missing:
             self.splits.update(self._load(missing))
+        if stage == "fit":
+            self._log_report()
+
+    def report(self) -> DataReport:
+        """The data report of the ``fit`` splits (see ``report_only``).
+
+        Loaded splits reuse the statistics gathered when they were tokenized; the others are validated and tokenized
+        in memory, with nothing cached or written.
+        """
+        stats = {}
+        for name in self._stage_splits("fit"):
+            loaded = self.splits.get(name)
+            row_stats = loaded.row_stats if loaded is not None else None
+            if row_stats is None:
+                row_stats = split_row_stats(self.specs[name], name, self.tokenizer, max_length=self.max_length)
+            stats[name] = row_stats
+        return DataReport.from_row_stats(stats, self.max_length)
+
+    def _log_report(self) -> None:
+        trainer = self.trainer
+        if trainer is None or not trainer.is_global_zero:
+            return
+        for tb in trainer.loggers:
+            if isinstance(tb, TensorBoardLogger):
+                tb.experiment.add_text("data/report", self.report().to_markdown(), 0)
+                return
 
     def _dataset(self, name: str) -> Dataset:
         if name not in self.splits:
@@ -196,7 +250,7 @@ class BoostDataModule(LightningDataModule):
     def inner_sampler(self) -> MixedSampler:
         """The sampler of the inner loader (this rank's share of the real/synthetic mix)."""
         rank, world_size = self._distributed()
-        real, synthetic = (len(self._dataset(n)) if self.specs[n] is not None else 0 for n in ("real", "synthetic"))
+        real, synthetic = (len(self._training(n)) if self.specs[n] is not None else 0 for n in ("real", "synthetic"))
         return MixedSampler(
             real,
             synthetic,
@@ -206,6 +260,44 @@ class BoostDataModule(LightningDataModule):
             rank=rank,
             world_size=world_size,
         )
+
+    def _training(self, name: str) -> Dataset:
+        dataset = self._dataset(name)
+        return dataset if self._kept is None else dataset.select(self._kept[name])
+
+    def keep_rows(self, select: Callable[[dict[str, list]], list[bool] | None]) -> None:
+        """Batch only the training rows ``select`` keeps (``BoostModule`` passes its weighting's ``select``).
+
+        A weighting that drops rows by their content (a return cut, a ground-truth label) then trains on full
+        batches of the rows it keeps, as filtering the data first would. ``select`` gets the columns
+        ``is_synthetic``, ``reward`` and ``meta`` (dicts) of every real row then every synthetic row; returning
+        ``None`` keeps everything.
+
+        Raises:
+            ValueError: ``select`` keeps no row, or returns the wrong number of flags.
+        """
+        names = [name for name in ("real", "synthetic") if self.specs[name] is not None]
+        parts = [self._dataset(name) for name in names]
+        rows = {"is_synthetic": [], "reward": [], "meta": []}
+        for part in parts:
+            rows["is_synthetic"] += part["is_synthetic"]
+            rows["reward"] += part["reward"]
+            rows["meta"] += [json.loads(m) if m else {} for m in part["meta"]]
+        flags = select(rows)
+        if flags is None:
+            self._kept = None
+            return
+        if len(flags) != len(rows["reward"]):
+            raise ValueError(f"select returned {len(flags)} flags for {len(rows['reward'])} training rows")
+        if not any(flags):
+            raise ValueError("the weighting keeps no training row")
+        kept, start = {}, 0
+        for name, part in zip(names, parts):
+            kept[name] = [i for i in range(len(part)) if flags[start + i]]
+            start += len(part)
+        self._kept = kept
+        logger.info("inner batches draw %s of the training rows the weighting keeps",
+                    ", ".join(f"{len(kept[n])}/{len(p)} {n}" for n, p in zip(names, parts)))
 
     def draw_only(self, source: str) -> None:
         """Draw inner batches from one source only (``real`` or ``synthetic``): a weighting that gives the other
@@ -226,7 +318,7 @@ class BoostDataModule(LightningDataModule):
 
     def train_dataloader(self) -> CombinedLoader:
         """``{"inner": real+synthetic batch, "outer": shuffled validation batch}``, same number of batches."""
-        inner = concatenate_datasets([self._dataset(n) for n in ("real", "synthetic") if self.specs[n] is not None])
+        inner = concatenate_datasets([self._training(n) for n in ("real", "synthetic") if self.specs[n] is not None])
         inner_sampler = self.inner_sampler()
         rank, world_size = self._distributed()
         outer_sampler = MixedSampler(
@@ -271,8 +363,9 @@ class BoostDataModule(LightningDataModule):
         if state_dict and "seed" in state_dict:
             self.seed = int(state_dict["seed"])
 
-    def _sequential(self, name: str) -> DataLoader:
-        dataset = self._dataset(name)
+    def _sequential(self, *names: str) -> DataLoader:
+        parts = [self._dataset(name) for name in names]
+        dataset = parts[0] if len(parts) == 1 else concatenate_datasets(parts)
         rank, world_size = self._distributed()
         # Unpadded shards: synced metrics see every row once; shards may differ by one row (no per-step collectives
         # run in validation/predict, so uneven batch counts are fine).
@@ -285,9 +378,14 @@ class BoostDataModule(LightningDataModule):
         """The validation split in file order (sharded across ranks under DDP)."""
         return self._sequential("validation")
 
+    def test_dataloader(self) -> DataLoader:
+        """The ``test`` split (held-out real rows, default: validation) in file order (sharded under DDP)."""
+        return self._sequential("test" if "test" in self.specs else "validation")
+
     def predict_dataloader(self) -> DataLoader:
-        """The ``predict`` split (default: synthetic) in file order (sharded across ranks under DDP)."""
-        return self._sequential(self._predict_split)
+        """The ``predict`` splits (default: synthetic; ``train``: real, then synthetic) in file order (sharded across
+        ranks under DDP)."""
+        return self._sequential(*self.predict_splits)
 
 
 def _plain(value: Any) -> bool:

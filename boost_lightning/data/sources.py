@@ -20,8 +20,10 @@ special tokens), ``max_length``, ``drop_truncated`` and the format version, so a
 same settings memory-maps the arrow file and skips reading, validating and tokenizing.
 
 Stored columns are the per-row fields of the batch contract (see ``TrajectoryEncoder``), plus ``reward``,
-``is_synthetic``, ``row_id`` (index of the row in its input, blank lines not counted), ``task_id`` and ``meta`` as a
-JSON string (so heterogeneous meta dicts survive arrow; the collator decodes it).
+``is_synthetic``, ``row_id`` (index of the row in its input, blank lines not counted), ``task_id``, ``meta`` as a
+JSON string (so heterogeneous meta dicts survive arrow; the collator decodes it) and ``content_hash``
+(:func:`content_hash` of the messages). :func:`iter_rows` and :func:`read_rows` give a split's input rows as they
+are, every field kept.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ import hashlib
 import json
 import logging
 import os
+import warnings
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -57,7 +60,7 @@ logger = logging.getLogger(__name__)
 
 DataSpec = Union[str, os.PathLike, Dataset]
 # Bump when the stored columns or the tokenization rules change: old cache entries are then never read.
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3
 DATA_FILE, SUMMARY_FILE = "data.arrow", "summary.json"
 
 RAW_FEATURES = Features(
@@ -68,6 +71,7 @@ RAW_FEATURES = Features(
         "task_id": Value("string"),
         "meta": Value("string"),
         "row_id": Value("int64"),
+        "content_hash": Value("string"),
         "where": Value("string"),
     }
 )
@@ -86,13 +90,32 @@ TOKENIZED_FEATURES = Features(
         "row_id": Value("int64"),
         "task_id": Value("string"),
         "meta": Value("string"),
+        "content_hash": Value("string"),
     }
 )
 
 
+def content_hash(messages: Iterable[Mapping[str, Any]]) -> str:
+    """The identity of a trajectory's content: a hex digest of its messages' roles and contents, in order.
+
+    Other fields (reward, source, meta, extra message keys) do not enter it, so a row keeps its hash across files,
+    formats and row orders. Written by ``predict`` as ``content_hash`` and read by
+    :class:`~boost_lightning.weightings.FixedWeights` (``key="hash"``).
+
+    Args:
+        messages: The row's ``messages`` (``{"role", "content"}`` mappings).
+    """
+    canonical = json.dumps([[m["role"], m["content"]] for m in messages], ensure_ascii=False, separators=(",", ":"))
+    return hashlib.sha256(canonical.encode("utf-8")).hexdigest()[:32]
+
+
 @dataclass
 class LoadedSplit:
-    """A tokenized split and what happened while loading it."""
+    """A tokenized split and what happened while loading it.
+
+    ``num_agent_tokens`` counts the agent tokens of every input row before truncation, ``num_agent_tokens_lost``
+    those truncation cut (dropped rows' included); ``row_stats`` holds the per-row statistics of :data:`ROW_STATS`.
+    """
 
     split: str
     name: str
@@ -101,6 +124,19 @@ class LoadedSplit:
     num_dropped: int
     num_truncated: int
     from_cache: bool
+    num_agent_tokens: int = 0
+    num_agent_tokens_lost: int = 0
+    row_stats: dict[str, list] | None = None
+
+
+class TruncationWarning(UserWarning):
+    """Rows of a split were longer than ``max_length`` and lost tokens (filter it with ``warnings`` to silence it)."""
+
+
+#: Per-row statistics gathered while tokenizing, one list each, in row order (dropped rows included): ``length``
+#: (tokens before truncation), ``turns`` (assistant messages), ``agent_tokens`` (before truncation),
+#: ``agent_tokens_lost`` (cut by truncation), ``synthetic`` (0 / 1) and ``generator`` (``meta.generator`` or None).
+ROW_STATS = ("length", "turns", "agent_tokens", "agent_tokens_lost", "synthetic", "generator")
 
 
 def _target(spec: DataSpec) -> Path | Dataset:
@@ -198,6 +234,7 @@ class _Source:
             columns["task_id"].append(trajectory.task_id)
             columns["meta"].append(json.dumps(trajectory.meta, default=str))
             columns["row_id"].append(row_id)
+            columns["content_hash"].append(content_hash(trajectory.messages))
             columns["where"].append(where)
         if not columns["where"]:
             raise TrajectoryFormatError(f"{self.name}: the {self.split} split is empty (no rows)")
@@ -207,7 +244,7 @@ class _Source:
 
 
 class _Tokenize:
-    """The batched ``datasets.map`` function; counts truncated and dropped rows as it goes."""
+    """The batched ``datasets.map`` function; counts truncated and dropped rows and gathers :data:`ROW_STATS`."""
 
     def __init__(self, encoder: TrajectoryEncoder, drop_truncated: bool) -> None:
         self.encoder = encoder
@@ -215,9 +252,38 @@ class _Tokenize:
         self.num_truncated = 0
         self.num_dropped = 0
         self.dropped_examples: list[str] = []
+        self.num_agent_tokens = 0
+        self.num_agent_tokens_lost = 0
+        self.row_stats: dict[str, list] = {name: [] for name in ROW_STATS}
+        self._untruncated: TrajectoryEncoder | None = None
+
+    def _record(self, batch: dict[str, list], encoded: list[EncodedTrajectory | None]) -> None:
+        # Only the rows truncation touched are encoded a second time, in full, to know what they lost.
+        full: dict[int, EncodedTrajectory | None] = dict(enumerate(encoded))
+        touched = [i for i, row in enumerate(encoded) if row is None or row.truncated]
+        if touched:
+            if self._untruncated is None:
+                self._untruncated = TrajectoryEncoder(self.encoder.tokenizer, None)
+            again = self._untruncated.encode_batch([batch["messages"][i] for i in touched],
+                                                   where=[batch["where"][i] for i in touched])
+            full.update(zip(touched, again))
+        stats = self.row_stats
+        for i, row in enumerate(encoded):
+            agent = int(full[i].agent_mask.sum())
+            lost = agent - (int(row.agent_mask.sum()) if row is not None else 0)
+            self.num_agent_tokens += agent
+            self.num_agent_tokens_lost += lost
+            generator = json.loads(batch["meta"][i]).get("generator")
+            stats["length"].append(len(full[i]))
+            stats["turns"].append(sum(m["role"] == "assistant" for m in batch["messages"][i]))
+            stats["agent_tokens"].append(agent)
+            stats["agent_tokens_lost"].append(lost)
+            stats["synthetic"].append(int(batch["is_synthetic"][i]))
+            stats["generator"].append(None if generator is None else str(generator))
 
     def __call__(self, batch: dict[str, list]) -> pa.Table:
         encoded = self.encoder.encode_batch(batch["messages"], where=batch["where"])
+        self._record(batch, encoded)
         kept: list[int] = []
         for i, row in enumerate(encoded):
             if row is not None:
@@ -249,7 +315,7 @@ class _Tokenize:
             "num_turns": [r.num_turns for r in rows],
             "length": [len(r) for r in rows],
         }
-        for name in ("reward", "is_synthetic", "row_id", "task_id", "meta"):
+        for name in ("reward", "is_synthetic", "row_id", "task_id", "meta", "content_hash"):
             columns[name] = [batch[name][i] for i in kept]
         return pa.table({name: columns[name] for name in TOKENIZED_FEATURES}, schema=TOKENIZED_FEATURES.arrow_schema)
 
@@ -275,6 +341,10 @@ def _tokenize_into(
         "num_truncated": tokenize.num_truncated,
         "num_dropped": tokenize.num_dropped,
         "dropped_examples": tokenize.dropped_examples,
+        "max_length": encoder.max_length,
+        "num_agent_tokens": tokenize.num_agent_tokens,
+        "num_agent_tokens_lost": tokenize.num_agent_tokens_lost,
+        "row_stats": tokenize.row_stats,
     }
     (directory / SUMMARY_FILE).write_text(json.dumps(summary))
 
@@ -327,6 +397,48 @@ def load_splits(
     return {split: loaded[split] for split in specs}
 
 
+def iter_rows(spec: DataSpec, split: str) -> Iterable[tuple[str, Any]]:
+    """``(where, row)`` for every input row of a split, in order, as decoded: every field kept, nothing validated.
+
+    ``where`` is ``file:line`` (or ``name (row i)``), the prefix of error messages; the i-th row has ``row_id`` i.
+
+    Args:
+        spec: A split spec (module docstring).
+        split: The split it is read as (``real``, ``synthetic``, ``validation`` or ``predict``): it picks the split of
+            a ``DatasetDict`` and names the input in errors.
+    """
+    return _Source(spec, split).rows()
+
+
+def split_row_stats(
+    spec: DataSpec, split: str, tokenizer: PreTrainedTokenizerBase, *, max_length: int = 512
+) -> dict[str, list]:
+    """Validate and tokenize a split in memory and return its :data:`ROW_STATS`; nothing is cached or written.
+
+    Rows whose agent tokens would all be truncated away are counted (``agent_tokens_lost == agent_tokens``), not
+    raised on, whatever ``drop_truncated`` a load would use.
+
+    Args:
+        spec: A split spec (module docstring).
+        split: ``real``, ``synthetic``, ``validation`` or ``predict``.
+        tokenizer: A fast HF tokenizer.
+        max_length: The truncation length to measure against.
+
+    Raises:
+        TrajectoryFormatError: the first bad row, naming file, line (or row) and field.
+    """
+    raw = _Source(spec, split).read()
+    tokenize = _Tokenize(TrajectoryEncoder(tokenizer, max_length), drop_truncated=True)
+    for batch in raw.iter(batch_size=1000):
+        tokenize(batch)
+    return tokenize.row_stats
+
+
+def read_rows(spec: DataSpec, split: str) -> list[dict[str, Any]]:
+    """The input rows of a split (see :func:`iter_rows`) as a list: ``row_id`` is the list index."""
+    return [row for _, row in iter_rows(spec, split)]
+
+
 def load_split(
     spec: DataSpec,
     split: str,
@@ -365,6 +477,18 @@ def _report(split: str, name: str, dataset: Dataset, summary: dict, from_cache: 
             name, summary["num_dropped"], summary["num_rows"], split, ", ".join(summary["dropped_examples"]),
         )  # fmt: skip
     if summary["num_truncated"]:
-        logger.info("%s: truncated %d rows of the %s split", name, summary["num_truncated"], split)
+        # A warning, not a log line: a split silently cut down loses what its rows were meant to teach.
+        warnings.warn(_truncation_message(split, name, summary), TruncationWarning, stacklevel=2)
     counts = {key: summary[key] for key in ("num_rows", "num_dropped", "num_truncated")}
-    return LoadedSplit(split, name, dataset, from_cache=from_cache, **counts)
+    counts.update({key: summary.get(key, 0) for key in ("num_agent_tokens", "num_agent_tokens_lost")})
+    return LoadedSplit(split, name, dataset, from_cache=from_cache, row_stats=summary.get("row_stats"), **counts)
+
+
+def _truncation_message(split: str, name: str, summary: dict) -> str:
+    rows, truncated = summary["num_rows"], summary["num_truncated"]
+    text = (f"{name}: {truncated} of {rows} rows of the {split} split ({truncated / rows:.0%}) are longer than "
+            f"max_length={summary.get('max_length', '?')} tokens and lost their earliest exchanges")
+    total, lost = summary.get("num_agent_tokens"), summary.get("num_agent_tokens_lost")
+    if total:
+        text += f"; {lost} of {total} agent tokens ({lost / total:.1%}) are lost"
+    return text + ". Raise --data.max_length, or see the per-source report of --data.report_only true."

@@ -49,8 +49,9 @@ from transformers import PreTrainedTokenizerBase
 
 ROLES = ("system", "user", "assistant", "tool")
 SOURCES = ("real", "synthetic")
-# The source a row gets when it has none; also the split's allowed sources (validation and real must be real).
-IMPLIED_SOURCE = {"real": "real", "validation": "real", "synthetic": "synthetic", "predict": "synthetic"}
+# The source a row gets when it has none; also the split's allowed sources (real, validation and test: real only).
+IMPLIED_SOURCE = {"real": "real", "validation": "real", "test": "real", "synthetic": "synthetic",
+                  "predict": "synthetic"}
 OBSERVATION_ROLES = ("user", "tool")
 IGNORE_INDEX = -100
 

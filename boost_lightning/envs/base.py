@@ -18,12 +18,13 @@ import re
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol, runtime_checkable
 
 TASKS = ("maze", "guess_number", "twenty_questions")
 
 REAL_SEED_START = 0
 VALIDATION_SEED_START = 5_000
+TEST_SEED_START = 7_500
 EVAL_SEED_START = 10_000
 SYNTHETIC_SEED_START = 20_000
 
@@ -38,40 +39,46 @@ def seed_split(seed: int) -> str:
 
     Returns:
         ``"train"`` for real demonstrations (``[0, 5000)``) and the synthetic pool (``>= 20000``), ``"validation"``
-        for ``[5000, 10000)`` and ``"eval"`` for the held-out rollout instances ``[10000, 20000)``.
+        for ``[5000, 7500)``, ``"test"`` for the held-out real test rows ``[7500, 10000)`` (a low-variance metric,
+        disjoint from validation and evaluation) and ``"eval"`` for the held-out rollout instances ``[10000, 20000)``.
     """
-    if VALIDATION_SEED_START <= seed < EVAL_SEED_START:
+    if VALIDATION_SEED_START <= seed < TEST_SEED_START:
         return "validation"
+    if TEST_SEED_START <= seed < EVAL_SEED_START:
+        return "test"
     if EVAL_SEED_START <= seed < SYNTHETIC_SEED_START:
         return "eval"
     return "train"
 
 
-def split_instances(num_instances: int, key: str, fractions: Sequence[float] = (0.5, 0.25, 0.25)) -> dict[str, list]:
-    """Partition ``range(num_instances)`` into disjoint train / validation / eval pools, each in a fixed shuffled order.
+def split_instances(num_instances: int, key: str,
+                    fractions: Sequence[float] = (0.5, 0.2, 0.1, 0.2)) -> dict[str, list]:
+    """Partition ``range(num_instances)`` into disjoint train / validation / test / eval pools, each in a fixed
+    shuffled order.
 
     Args:
         num_instances: Size of the instance space.
         key: Seeds the shuffle, so each task (and layout) gets its own fixed partition.
-        fractions: Shares of train, validation and eval.
+        fractions: Shares of train, validation and test (eval gets the rest).
 
     Returns:
-        ``{"train": [...], "validation": [...], "eval": [...]}`` of instance indices.
+        ``{"train": [...], "validation": [...], "test": [...], "eval": [...]}`` of instance indices.
     """
     order = list(range(num_instances))
     random.Random(f"pools/{key}").shuffle(order)
-    n_train = round(fractions[0] * num_instances)
-    n_val = round(fractions[1] * num_instances)
+    ends = [round(sum(fractions[: i + 1]) * num_instances) for i in range(3)]
     return {
-        "train": order[:n_train],
-        "validation": order[n_train : n_train + n_val],
-        "eval": order[n_train + n_val :],
+        "train": order[: ends[0]],
+        "validation": order[ends[0] : ends[1]],
+        "test": order[ends[1] : ends[2]],
+        "eval": order[ends[2] :],
     }
 
 
 def pool_index(seed: int, pool_size: int) -> int:
     """Position inside a split's pool for ``seed``: consecutive seeds walk the pool, so they are distinct instances."""
-    start = {"train": REAL_SEED_START, "validation": VALIDATION_SEED_START, "eval": EVAL_SEED_START}[seed_split(seed)]
+    start = {"train": REAL_SEED_START, "validation": VALIDATION_SEED_START, "test": TEST_SEED_START,
+             "eval": EVAL_SEED_START}[seed_split(seed)]
     if seed >= SYNTHETIC_SEED_START:
         start = SYNTHETIC_SEED_START
     return (seed - start) % pool_size
@@ -80,6 +87,37 @@ def pool_index(seed: int, pool_size: int) -> int:
 def words(text: str) -> list[str]:
     """Lower-case ASCII words and digit runs of ``text``; everything else separates them."""
     return re.findall(r"[a-z]+|[0-9]+", text.lower())
+
+
+@runtime_checkable
+class EnvProtocol(Protocol):
+    """The minimal environment a rollout plays: implement it to evaluate a policy on your own simulator.
+
+    ``reset(seed)`` starts the instance named by ``seed`` and returns the opening chat messages (typically a system
+    message with the rules and a user message with the first observation). ``step(agent_text)`` takes the agent's
+    reply and returns ``(observation, reward, done, info)``; it should not raise on text it cannot parse (a
+    half-trained model writes anything) but answer with a penalty and an explanatory observation, and put
+    ``info["invalid"] = True`` so that the reply counts in ``rollout/invalid_action_rate``. ``success`` (an attribute
+    or a property) says whether the current episode was solved; it is read after every step.
+
+    Optional: ``optimal_turns()`` and ``instance`` (a JSON-able dict) are recorded with each played episode when
+    present. :class:`Env` and the embedded tasks satisfy this protocol (their ``info`` marks an unparseable reply with
+    ``action = None`` instead of ``invalid``).
+    """
+
+    success: bool
+
+    def reset(self, seed: int) -> list[Message]:
+        """Start the instance named by ``seed``; the opening chat messages."""
+        ...
+
+    def step(self, agent_text: str) -> tuple[str, float, bool, dict[str, Any]]:
+        """Play one agent turn: ``(observation, reward, done, info)``."""
+        ...
+
+
+#: Builds a fresh environment for each episode (a class, a function, a ``functools.partial``).
+EnvFactory = Callable[[], EnvProtocol]
 
 
 class Env(ABC):
@@ -205,7 +243,11 @@ class TaskSpec:
     Attributes:
         name: Task name (one of :data:`TASKS`).
         env: Builds the real environment (keyword arguments go to its constructor).
-        shifted: Named builders of plausible but different task distributions (task-shifted synthetic data).
+        conflicting: Named builders of tasks with the same surface format and a different correct action (swapped
+            action meanings, reversed feedback, another world): expert play there succeeds in its own task and
+            teaches the wrong move for the real one.
+        benign: Named builders of more diverse instances or strategies that still teach correct moves for the real
+            task (other layouts, another valid tie-break).
         hallucinating: Builds a simulator whose replies drift from the true dynamics; takes ``rate`` and
             ``max_turns``.
         disjoint_instances: Whether train / validation / eval seeds map to disjoint instance pools. Tasks whose
@@ -215,7 +257,8 @@ class TaskSpec:
 
     name: str
     env: Callable[..., Env]
-    shifted: Mapping[str, Callable[[], Env]] = field(default_factory=dict)
+    conflicting: Mapping[str, Callable[[], Env]] = field(default_factory=dict)
+    benign: Mapping[str, Callable[[], Env]] = field(default_factory=dict)
     hallucinating: Callable[..., Env] | None = None
     disjoint_instances: bool = False
 

@@ -25,8 +25,8 @@ from boost_lightning import cache
 from boost_lightning.envs.base import task_spec
 from boost_lightning.envs.generators import DEFAULT_SETTINGS
 
-FORMAT_VERSION = 1
-SPLITS = ("real", "synthetic", "validation")
+FORMAT_VERSION = 2
+SPLITS = ("real", "synthetic", "validation", "test")
 FILES = (*(f"{split}.jsonl" for split in SPLITS), "summary.json", "tokenizer")
 TOKENIZER_VOCAB_SIZE = 1024
 
@@ -80,12 +80,14 @@ def ensure_embedded(task: str, cache_dir: str | os.PathLike | None = None, **syn
     Args:
         task: Task name (``maze``, ``guess_number``, ``twenty_questions``).
         cache_dir: Root directory (default ``$BOOST_LIGHTNING_CACHE/embedded``, see :mod:`boost_lightning.cache`).
-        **synth_kwargs: Synthesizer settings (``num_real``, ``num_validation``, ``num_synthetic``,
-            ``shifted_fraction``, ``hallucinated_fraction``, ``noise_levels``, ``hallucination_rate``, ``seed``).
+        **synth_kwargs: Synthesizer settings (the keys of
+            :data:`~boost_lightning.envs.generators.DEFAULT_SETTINGS`: ``num_real``, ``num_validation``,
+            ``num_test``, ``num_synthetic``, the generator families' fractions, ``noise_levels``,
+            ``hallucination_rate``, ``seed``).
 
     Returns:
-        A directory with ``real.jsonl``, ``validation.jsonl``, ``synthetic.jsonl``, ``summary.json`` and
-        ``tokenizer/``.
+        A directory with ``real.jsonl``, ``validation.jsonl``, ``test.jsonl``, ``synthetic.jsonl``,
+        ``summary.json`` and ``tokenizer/``.
     """
     final = embedded_dir(task, cache_dir, **synth_kwargs)
     if _complete(final):
@@ -104,8 +106,9 @@ def embedded_splits(task: str, cache_dir: str | os.PathLike | None = None, **syn
         **synth_kwargs: Synthesizer settings, as for :func:`ensure_embedded`.
 
     Returns:
-        ``{"real": Path, "synthetic": Path, "validation": Path, "tokenizer": Path}``: the three JSONL splits and the
-        tokenizer directory, ready for ``BoostDataModule(real=..., synthetic=..., validation=..., tokenizer=...)``.
+        ``{"real": Path, "synthetic": Path, "validation": Path, "test": Path, "tokenizer": Path}``: the JSONL
+        splits and the tokenizer directory, ready for ``BoostDataModule(real=..., synthetic=..., validation=...,
+        tokenizer=...)``.
     """
     root = ensure_embedded(task, cache_dir, **synth_kwargs)
     return {**{split: root / f"{split}.jsonl" for split in SPLITS}, "tokenizer": root / "tokenizer"}

@@ -4,13 +4,17 @@ Every row is ``{"messages", "reward", "rewards", "source", "task_id", "meta"}``.
 ``messages`` are what the generating simulator said (a hallucinating simulator claims success it did not earn); the
 ground truth lives in ``meta`` only:
 
-- ``generator``: ``expert`` | ``noisy-expert-<p>`` | ``shifted-<variant>`` | ``hallucinated-sim`` | ``lm-<name>``.
+- ``generator``: ``expert`` | ``noisy-expert-<p>`` | ``hacked-sim`` | ``conflict-<variant>`` | ``benign-<variant>``
+  | ``hallucinated-sim`` | ``lm-<name>``; ``failure`` its family (see :func:`synthetic_pool`).
+- ``helpful``: the row demonstrates the real task (solved on the real dynamics in at most twice the optimal turns):
+  the ground truth of the benchmark's ``oracle`` weighting, never available to a user.
 - ``quality`` in [0, 1]: how good the row is as a demonstration of the *real* task,
-  ``success x min(1, optimal_turns / turns)`` on the real dynamics, and 0 for shifted and hallucinated rows (they
-  teach another task's moves, or moves conditioned on replies the real task never gives).
-- ``success``: solved on the true dynamics of the task it was played on (the shifted task for shifted rows; for
-  hallucinated rows, the agent's actions replayed in the real environment). ``claimed_success``: what the
-  trajectory's own replies say.
+  ``success x min(1, optimal_turns / turns)`` on the real dynamics (benign rows: on their own instances), and 0 for
+  conflicting and hallucinated rows (they teach another task's moves, or moves conditioned on replies the real task
+  never gives).
+- ``success``: solved on the true dynamics of the task it was played on (the variant for shifted rows; for
+  hallucinated and reward-hacked rows, the agent's actions replayed in the real environment). ``claimed_success``:
+  what the trajectory's own replies say.
 - ``optimal_turns``: turns the expert needs on that instance; ``turns``: assistant turns in the row.
 - ``shifted``, ``hallucinated`` (bools), ``hallucinated_turns`` (0-based turns whose reply was made up), ``noise``
   (probability of a random action), ``variant``, ``seed``, ``instance`` (the secret / start and goal), ``task``.
@@ -29,6 +33,7 @@ from typing import Any
 from boost_lightning.envs.base import (
     REAL_SEED_START,
     SYNTHETIC_SEED_START,
+    TEST_SEED_START,
     VALIDATION_SEED_START,
     Env,
     Message,
@@ -43,9 +48,12 @@ Policy = Callable[[Env], str]
 DEFAULT_SETTINGS: Mapping[str, Any] = MappingProxyType({
     "num_real": 64,
     "num_validation": 64,
+    "num_test": 64,
     "num_synthetic": 2000,
-    "shifted_fraction": 0.3,
-    "hallucinated_fraction": 0.1,
+    "conflicting_fraction": 0.25,
+    "benign_fraction": 0.15,
+    "hacked_fraction": 0.15,
+    "hallucinated_fraction": 0.15,
     "noise_levels": (0.1, 0.3, 0.6),
     "hallucination_rate": 0.2,
     "seed": 0,
@@ -142,7 +150,7 @@ def replay(task: str, seed: int, actions: Sequence[str], **env_kwargs: Any) -> E
 
 def make_row(task: str, seed: int, episode: Episode, *, source: str, generator: str, quality: float, success: bool,
              shifted: bool = False, hallucinated: bool = False, noise: float = 0.0, variant: str = "real",
-             **extra: Any) -> dict[str, Any]:
+             failure: str = "none", helpful: bool = True, **extra: Any) -> dict[str, Any]:
     """Assemble a data-contract row from an episode; ground truth goes to ``meta``."""
     return {
         "messages": episode.messages,
@@ -157,6 +165,8 @@ def make_row(task: str, seed: int, episode: Episode, *, source: str, generator: 
             "claimed_success": bool(episode.success),
             "optimal_turns": episode.optimal_turns,
             "turns": episode.turns,
+            "failure": failure,
+            "helpful": bool(helpful),
             "shifted": shifted,
             "hallucinated": hallucinated,
             "noise": noise,
@@ -200,19 +210,75 @@ def validation_rows(task: str, num: int = DEFAULT_SETTINGS["num_validation"]) ->
     return expert_rows(task, range(VALIDATION_SEED_START, VALIDATION_SEED_START + num))
 
 
+def test_rows(task: str, num: int = DEFAULT_SETTINGS["num_test"]) -> list[dict]:
+    """``num`` real expert demonstrations on the test seeds (disjoint from validation and rollout evaluation)."""
+    return expert_rows(task, range(TEST_SEED_START, TEST_SEED_START + num))
+
+
 def noisy_expert_row(task: str, seed: int, noise: float, pool_seed: int = 0) -> dict:
     """An on-distribution trajectory of the expert that acts randomly with probability ``noise``."""
     rng = random.Random(f"noisy/{task}/{noise}/{pool_seed}/{seed}")
     ep = play(make_env(task), seed, noisy_expert_policy(noise, rng))
-    return make_row(task, seed, ep, source="synthetic", generator=f"noisy-expert-{noise:g}", noise=noise,
-                    success=ep.success, quality=demonstration_quality(ep.success, ep.turns, ep.optimal_turns))
+    quality = demonstration_quality(ep.success, ep.turns, ep.optimal_turns)
+    return make_row(task, seed, ep, source="synthetic", generator=generator_name("noisy", noise), noise=noise,
+                    failure="weak", success=ep.success, quality=quality, helpful=_helpful(ep.success, quality))
 
 
-def shifted_row(task: str, seed: int, variant: str) -> dict:
-    """An expert trajectory of a plausible but different task distribution (``variant`` of the task's spec)."""
-    ep = play(task_spec(task).shifted[variant](), seed, expert_policy)
-    return make_row(task, seed, ep, source="synthetic", generator=f"shifted-{variant}", variant=variant,
-                    shifted=True, success=ep.success, quality=0.0)
+def _helpful(success: bool, quality: float) -> bool:
+    # A row that demonstrates the real task: solved on the real dynamics without wandering more than 2x the optimum.
+    return bool(success) and quality >= 0.5
+
+
+def conflicting_row(task: str, seed: int, variant: str) -> dict:
+    """Expert play of a conflicting variant (same surface, different correct action); high reward in its own task."""
+    ep = play(task_spec(task).conflicting[variant](), seed, expert_policy)
+    return make_row(task, seed, ep, source="synthetic", generator=generator_name("conflicting", variant),
+                    variant=variant, failure="conflicting_shift", shifted=True, success=ep.success, quality=0.0,
+                    helpful=False)
+
+
+def benign_row(task: str, seed: int, variant: str) -> dict:
+    """Expert play of a benign variant (more diverse instances or another valid strategy): still correct moves."""
+    ep = play(task_spec(task).benign[variant](), seed, expert_policy)
+    quality = demonstration_quality(ep.success, ep.turns, ep.optimal_turns)
+    return make_row(task, seed, ep, source="synthetic", generator=generator_name("benign", variant),
+                    variant=variant, failure="benign_shift", shifted=True, success=ep.success, quality=quality,
+                    helpful=_helpful(ep.success, quality))
+
+
+def hacked_row(task: str, seed: int, pool_seed: int = 0) -> dict:
+    """A reward-hacked simulator: it declares success for play that fails on the real task.
+
+    The agent follows the expert for a few turns, then makes a premature random move (an early guess, a wrong answer,
+    a step that does not reach the goal) and the simulator answers with the task's success message and reward, as an
+    over-optimistic LLM judge or simulator does. The row's own ``reward`` is the best in the pool: reward filters
+    keep it. ``success`` is the actions replayed in the real environment.
+    """
+    rng = random.Random(f"hacked/{task}/{pool_seed}/{seed}")
+    env = make_env(task)
+    win = play(make_env(task), seed, expert_policy)  # the task's own success message and reward
+    messages = env.reset(seed)
+    optimal, instance = env.optimal_turns(), env.instance
+    prefix = rng.randint(0, max(0, optimal - 2))
+    rewards, actions, observations = [], [], []
+    for turn in range(prefix + 1):
+        action = env.expert_action() if turn < prefix else env.random_action(rng)
+        observation, reward, done, _ = env.step(action)
+        if turn == prefix or done:
+            # Claimed: the simulator says this move won. Replayed honestly below to record what really happened.
+            observation, reward = win.observations[-1], win.rewards[-1]
+        messages += [{"role": "assistant", "content": action}, {"role": "user", "content": observation}]
+        rewards.append(round(reward, 6))
+        actions.append(action)
+        observations.append(observation)
+        if turn == prefix or done:
+            break
+    ep = Episode(messages, rewards, actions, observations, True, optimal, instance)
+    real = replay(task, seed, actions)
+    quality = demonstration_quality(real.success, real.turns, optimal)
+    return make_row(task, seed, ep, source="synthetic", generator=generator_name("hacked"),
+                    failure="reward_hacked", success=real.success, quality=quality,
+                    helpful=_helpful(real.success, quality))
 
 
 def hallucinated_row(task: str, seed: int, rate: float = 0.2) -> dict:
@@ -220,48 +286,94 @@ def hallucinated_row(task: str, seed: int, rate: float = 0.2) -> dict:
     env = task_spec(task).hallucinating(rate=rate)
     ep = play(env, seed, expert_policy)
     real = replay(task, seed, ep.actions)
-    return make_row(task, seed, ep, source="synthetic", generator="hallucinated-sim", hallucinated=True,
-                    success=real.success, quality=0.0, hallucinated_turns=list(env.corrupted_turns),
-                    hallucination_rate=rate)
+    return make_row(task, seed, ep, source="synthetic", generator=generator_name("hallucinated"),
+                    failure="hallucination", hallucinated=True, success=real.success, quality=0.0,
+                    hallucinated_turns=list(env.corrupted_turns), hallucination_rate=rate, helpful=False)
 
 
-def pool_counts(num: int, noise_levels: Sequence[float], shifted_variants: Sequence[str], shifted_fraction: float,
-                hallucinated_fraction: float) -> dict[tuple[str, Any], int]:
+def generator_name(family: str, part: Any = None) -> str:
+    """``meta.generator`` of a pool family's rows (``part``: the noise level or the variant)."""
+    if family == "noisy":
+        return f"noisy-expert-{float(part):g}"
+    if family in ("conflicting", "benign"):
+        return f"{'conflict' if family == 'conflicting' else 'benign'}-{part}"
+    return {"hacked": "hacked-sim", "hallucinated": "hallucinated-sim"}[family]
+
+
+def pool_generators(task: str, **settings: Any) -> list[str]:
+    """The generators of the pool :func:`synthetic_pool` builds with ``settings`` (default settings otherwise)."""
+    spec, s = task_spec(task), {**DEFAULT_SETTINGS, **settings}
+    counts = pool_counts(s["num_synthetic"], s["noise_levels"], list(spec.conflicting), list(spec.benign),
+                         s["conflicting_fraction"], s["benign_fraction"], s["hacked_fraction"],
+                         s["hallucinated_fraction"])
+    return [generator_name(family, part) for family, part in counts]
+
+
+def pool_counts(num: int, noise_levels: Sequence[float], conflicting_variants: Sequence[str],
+                benign_variants: Sequence[str], conflicting_fraction: float, benign_fraction: float,
+                hacked_fraction: float, hallucinated_fraction: float) -> dict[tuple[str, Any], int]:
     """How many rows each generator contributes to a pool of ``num`` rows (exactly ``num`` in total).
 
     Returns:
-        ``{("noisy", p): n, ("shifted", variant): n, ("hallucinated", None): n}``; noisy experts share the rest
-        equally.
+        ``{("noisy", p): n, ("conflicting", variant): n, ("benign", variant): n, ("hacked", None): n,
+        ("hallucinated", None): n}`` without zero counts; a family's variants share its rows equally and noisy
+        experts share what the other families leave.
     """
-    if not (0 <= shifted_fraction <= 1 and 0 <= hallucinated_fraction <= 1):
-        raise ValueError("shifted_fraction and hallucinated_fraction must be in [0, 1]")
-    if shifted_fraction + hallucinated_fraction > 1 + 1e-9:
-        raise ValueError("shifted_fraction + hallucinated_fraction must be <= 1")
-    n_shifted = round(num * shifted_fraction)
-    n_hallucinated = min(round(num * hallucinated_fraction), num - n_shifted)
-    n_noisy = num - n_shifted - n_hallucinated
-    if n_noisy and not noise_levels:
+    fractions = {"conflicting": conflicting_fraction, "benign": benign_fraction, "hacked": hacked_fraction,
+                 "hallucinated": hallucinated_fraction}
+    if any(not 0 <= f <= 1 for f in fractions.values()):
+        raise ValueError(f"generator fractions must be in [0, 1], got {fractions}")
+    if sum(fractions.values()) > 1 + 1e-9:
+        raise ValueError(f"generator fractions must sum to <= 1, got {fractions}")
+    parts = {"conflicting": list(conflicting_variants), "benign": list(benign_variants), "hacked": [None],
+             "hallucinated": [None]}
+    totals = {family: round(num * f) if parts[family] else 0 for family, f in fractions.items()}
+    overflow = sum(totals.values()) - num
+    if overflow > 0:  # rounding up in every family can pass num by a row or two
+        totals["hallucinated"] -= overflow
+    totals = {"noisy": num - sum(totals.values()), **totals}
+    parts["noisy"] = list(noise_levels)
+    if totals["noisy"] and not noise_levels:
         raise ValueError("noise_levels is empty but the pool has room for noisy experts")
     counts: dict[tuple[str, Any], int] = {}
-    for key, total, parts in (("noisy", n_noisy, list(noise_levels)), ("shifted", n_shifted, list(shifted_variants))):
-        for i, part in enumerate(parts):
-            counts[(key, part)] = total // len(parts) + (i < total % len(parts))
-    counts[("hallucinated", None)] = n_hallucinated
+    for family, total in totals.items():
+        for i, part in enumerate(parts[family]):
+            counts[(family, part)] = total // len(parts[family]) + (i < total % len(parts[family]))
     return {k: v for k, v in counts.items() if v}
 
 
 def synthetic_pool(task: str, num: int = DEFAULT_SETTINGS["num_synthetic"],
-                   shifted_fraction: float = DEFAULT_SETTINGS["shifted_fraction"],
+                   conflicting_fraction: float = DEFAULT_SETTINGS["conflicting_fraction"],
+                   benign_fraction: float = DEFAULT_SETTINGS["benign_fraction"],
+                   hacked_fraction: float = DEFAULT_SETTINGS["hacked_fraction"],
                    hallucinated_fraction: float = DEFAULT_SETTINGS["hallucinated_fraction"],
                    noise_levels: Sequence[float] = DEFAULT_SETTINGS["noise_levels"],
                    hallucination_rate: float = DEFAULT_SETTINGS["hallucination_rate"],
                    seed: int = DEFAULT_SETTINGS["seed"], on_row: Callable[[], None] | None = None) -> list[dict]:
-    """A shuffled pool of synthetic rows from noisy experts, task-shifted experts and a hallucinating simulator.
+    """A shuffled pool of synthetic rows from five generator families that fail the way generated data fails.
+
+    Families (``meta.failure``; ``meta.generator`` names the generator):
+
+    - ``weak`` (``noisy-expert-<p>``): weak agents, the expert acting at random with probability ``p``; honest
+      rewards (rejection-sampled LLM agents).
+    - ``reward_hacked`` (``hacked-sim``): a simulator that declares success for play that fails on the real task,
+      so the row's own reward lies (over-optimistic LLM judges and simulators; reward hacking, Skalse et al.
+      NeurIPS 2022).
+    - ``conflicting_shift`` (``conflict-<variant>``): the same surface format with a different correct action
+      (swapped action meanings, reversed feedback, another world), high reward in its own task.
+    - ``benign_shift`` (``benign-<variant>``): more diverse instances or another valid strategy; correct moves.
+    - ``hallucination`` (``hallucinated-sim``): an LLM playing the environment whose replies drift from the real
+      dynamics (the expert trusts them).
+
+    ``meta.helpful`` is the ground truth the benchmark's ``oracle`` reads: the row solves the real task on the real
+    dynamics (at most twice the optimal turns); never available to a user.
 
     Args:
         task: Task name.
         num: Rows in the pool.
-        shifted_fraction: Share of task-shifted rows (split equally among the task's shifted variants).
+        conflicting_fraction: Share of conflicting-shift rows (split equally among the task's variants).
+        benign_fraction: Share of benign-shift rows.
+        hacked_fraction: Share of reward-hacked rows.
         hallucinated_fraction: Share of rows from the hallucinating simulator.
         noise_levels: Noisy-expert levels sharing the remaining rows equally.
         hallucination_rate: Per-turn probability of a made-up reply (one is always made up).
@@ -272,15 +384,20 @@ def synthetic_pool(task: str, num: int = DEFAULT_SETTINGS["num_synthetic"],
         ``num`` rows in a seeded random order.
     """
     spec = task_spec(task)
-    counts = pool_counts(num, noise_levels, list(spec.shifted), shifted_fraction, hallucinated_fraction)
+    counts = pool_counts(num, noise_levels, list(spec.conflicting), list(spec.benign), conflicting_fraction,
+                         benign_fraction, hacked_fraction, hallucinated_fraction)
     rows = []
     instance_seed = SYNTHETIC_SEED_START + 1_000_000 * seed
-    for (kind, part), count in counts.items():
+    for (family, part), count in counts.items():
         for _ in range(count):
-            if kind == "noisy":
+            if family == "noisy":
                 rows.append(noisy_expert_row(task, instance_seed, float(part), pool_seed=seed))
-            elif kind == "shifted":
-                rows.append(shifted_row(task, instance_seed, part))
+            elif family == "conflicting":
+                rows.append(conflicting_row(task, instance_seed, part))
+            elif family == "benign":
+                rows.append(benign_row(task, instance_seed, part))
+            elif family == "hacked":
+                rows.append(hacked_row(task, instance_seed, pool_seed=seed))
             else:
                 rows.append(hallucinated_row(task, instance_seed, hallucination_rate))
             instance_seed += 1

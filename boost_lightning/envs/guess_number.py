@@ -4,8 +4,9 @@ The expert bisects (``(lo + hi) // 2`` of the interval the replies allow), at mo
 every split draws secrets from the whole range (the range is the task), keyed by seed. Rewards: ``-0.05`` per wrong
 guess, ``-0.1`` for an unparseable or out-of-range guess, ``+1`` when correct.
 
-Task-shifted variants read just as well but teach the wrong behaviour: another range (1..100: wrong midpoints) and
-reversed feedback (``Higher.`` meaning *your guess* is higher, with the very same system prompt).
+Conflicting variants read just as well but teach the wrong behaviour: another range (1..100: wrong midpoints) and
+reversed feedback (``Higher.`` meaning *your guess* is higher, with the very same system prompt). The benign variant
+bisects with the upper midpoint: another valid strategy, correct on the real task.
 """
 
 from __future__ import annotations
@@ -153,13 +154,22 @@ class HallucinatingGuessNumberEnv(HallucinationMixin, GuessNumberEnv):
         return self._reply(guess, above), -self.step_cost, True
 
 
+class UpperMidpointGuessNumberEnv(GuessNumberEnv):
+    """The real game; its expert bisects with the upper midpoint ``(lo + hi + 1) // 2`` (just as optimal)."""
+
+    def expert_action(self) -> str:
+        lo, hi = (self.lo, self.hi) if self.lo <= self.hi else (self.low, self.high)
+        return f"guess {(lo + hi + 1) // 2}"
+
+
 SPEC = TaskSpec(
     name="guess_number",
     env=GuessNumberEnv,
-    shifted={
+    conflicting={
         "range-1-100": lambda: GuessNumberEnv(1, 100),
         "reversed-feedback": lambda: GuessNumberEnv(reversed_feedback=True),
     },
+    benign={"upper-midpoint": UpperMidpointGuessNumberEnv},
     hallucinating=HallucinatingGuessNumberEnv,
     disjoint_instances=False,
 )

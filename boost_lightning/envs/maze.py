@@ -26,8 +26,9 @@ REAL_LAYOUT = (
     "...#.",
     "#....",
 )
-# Plausible other mazes, same size and wording: their optimal moves are wrong for the real layout.
-SHIFTED_LAYOUTS = {
+# Other mazes, same size and wording: benign diversity, since the moves are still chosen from the walls the agent is
+# told about, the skill the real task needs.
+OTHER_LAYOUTS = {
     "mirror": tuple(row[::-1] for row in REAL_LAYOUT),
     "rooms": (
         "..#..",
@@ -191,6 +192,24 @@ class MazeEnv(Env):
         return self.layout.dist[self.goal][self.start]
 
 
+_OPPOSITE = {"north": "south", "south": "north", "east": "west", "west": "east"}
+
+
+class SwappedMovesMazeEnv(MazeEnv):
+    """The real maze where every move word means its opposite (``move north`` goes south), same rules text.
+
+    A conflicting task shift: its expert succeeds, with honest rewards, by saying the opposite of what the real task
+    needs, and its observations read exactly like the real ones.
+    """
+
+    def _parse(self, text: str) -> tuple[str | None, str]:
+        direction, error = super()._parse(text)
+        return (_OPPOSITE[direction], error) if direction is not None else (None, error)
+
+    def expert_action(self) -> str:
+        return f"move {_OPPOSITE[super().expert_action().split()[-1]]}"
+
+
 class HallucinatingMazeEnv(HallucinationMixin, MazeEnv):
     """A maze simulator that sometimes makes things up, the way an LLM playing the environment does.
 
@@ -232,7 +251,8 @@ class HallucinatingMazeEnv(HallucinationMixin, MazeEnv):
 SPEC = TaskSpec(
     name="maze",
     env=MazeEnv,
-    shifted={f"layout-{name}": (lambda rows=rows: MazeEnv(rows)) for name, rows in SHIFTED_LAYOUTS.items()},
+    conflicting={"swapped-moves": SwappedMovesMazeEnv},
+    benign={f"layout-{name}": (lambda rows=rows: MazeEnv(rows)) for name, rows in OTHER_LAYOUTS.items()},
     hallucinating=HallucinatingMazeEnv,
     disjoint_instances=True,
 )

@@ -4,9 +4,13 @@
 
 - ``real.jsonl``: ``--num-real`` expert demonstrations (seeds ``0..``), ``source: real``.
 - ``validation.jsonl``: ``--num-validation`` expert demonstrations on disjoint seeds (``5000..``), ``source: real``.
-- ``synthetic.jsonl``: ``--num-synthetic`` rows (seeds ``20000..``), ``source: synthetic``: noisy experts at
-  ``--noise-levels`` sharing what the shifted (``--shifted-fraction``) and hallucinated (``--hallucinated-fraction``)
-  rows leave, plus ``--num-lm`` rows sampled from ``--lm-model`` if given.
+- ``test.jsonl``: ``--num-test`` expert demonstrations on seeds ``7500..``, disjoint from validation and from the
+  rollout instances, ``source: real``: the held-out real test split of the benchmark's NLL.
+- ``synthetic.jsonl``: ``--num-synthetic`` rows (seeds ``20000..``), ``source: synthetic``, from five generator
+  families (see ``generators.synthetic_pool``): conflicting task shift (``--conflicting-fraction``), benign shift
+  (``--benign-fraction``), a reward-hacked simulator (``--hacked-fraction``), a hallucinating simulator
+  (``--hallucinated-fraction``), and noisy experts at ``--noise-levels`` sharing the rest; plus ``--num-lm`` rows
+  sampled from ``--lm-model`` if given.
 - ``summary.json``: the settings and, per split and per generator, row counts, success rates, mean quality, turns
   and return.
 
@@ -24,18 +28,21 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
-from boost_lightning.envs.base import EVAL_SEED_START, TASKS, VALIDATION_SEED_START, task_spec
-from boost_lightning.envs.generators import DEFAULT_SETTINGS, real_rows, synthetic_pool, validation_rows
+from boost_lightning.envs.base import EVAL_SEED_START, TASKS, TEST_SEED_START, VALIDATION_SEED_START, task_spec
+from boost_lightning.envs.generators import DEFAULT_SETTINGS, real_rows, synthetic_pool, test_rows, validation_rows
 
-SPLITS = ("real", "validation", "synthetic")
+SPLITS = ("real", "validation", "test", "synthetic")
 
 
 def build_splits(
     task: str,
     num_real: int = DEFAULT_SETTINGS["num_real"],
     num_validation: int = DEFAULT_SETTINGS["num_validation"],
+    num_test: int = DEFAULT_SETTINGS["num_test"],
     num_synthetic: int = DEFAULT_SETTINGS["num_synthetic"],
-    shifted_fraction: float = DEFAULT_SETTINGS["shifted_fraction"],
+    conflicting_fraction: float = DEFAULT_SETTINGS["conflicting_fraction"],
+    benign_fraction: float = DEFAULT_SETTINGS["benign_fraction"],
+    hacked_fraction: float = DEFAULT_SETTINGS["hacked_fraction"],
     hallucinated_fraction: float = DEFAULT_SETTINGS["hallucinated_fraction"],
     noise_levels: Sequence[float] = DEFAULT_SETTINGS["noise_levels"],
     hallucination_rate: float = DEFAULT_SETTINGS["hallucination_rate"],
@@ -47,9 +54,12 @@ def build_splits(
     Args:
         task: Task name.
         num_real: Real expert demonstrations (at most 5000).
-        num_validation: Validation demonstrations (at most 5000).
+        num_validation: Validation demonstrations (at most 2500).
+        num_test: Test demonstrations (at most 2500).
         num_synthetic: Rows in the synthetic pool.
-        shifted_fraction: Share of task-shifted rows in the pool.
+        conflicting_fraction: Share of conflicting-shift rows in the pool.
+        benign_fraction: Share of benign-shift rows in the pool.
+        hacked_fraction: Share of reward-hacked rows in the pool.
         hallucinated_fraction: Share of hallucinating-simulator rows in the pool.
         noise_levels: Noisy-expert levels sharing the rest of the pool.
         hallucination_rate: Per-turn probability of a made-up reply in hallucinated rows.
@@ -57,23 +67,28 @@ def build_splits(
         progress: Show a tqdm progress bar.
 
     Returns:
-        ``{"real": rows, "validation": rows, "synthetic": rows}``.
+        ``{"real": rows, "validation": rows, "test": rows, "synthetic": rows}``.
     """
     task_spec(task)
-    if not 0 <= num_real <= VALIDATION_SEED_START or not 0 <= num_validation <= EVAL_SEED_START - VALIDATION_SEED_START:
-        raise ValueError("num_real and num_validation must be in [0, 5000]")
+    if not 0 <= num_real <= VALIDATION_SEED_START:
+        raise ValueError(f"num_real must be in [0, {VALIDATION_SEED_START}]")
+    if not (0 <= num_validation <= TEST_SEED_START - VALIDATION_SEED_START
+            and 0 <= num_test <= EVAL_SEED_START - TEST_SEED_START):
+        raise ValueError("num_validation and num_test must be in [0, 2500]")
     from tqdm.auto import tqdm
 
-    with tqdm(total=num_real + num_validation + num_synthetic, desc=f"synthesize {task}", unit="traj",
+    with tqdm(total=num_real + num_validation + num_test + num_synthetic, desc=f"synthesize {task}", unit="traj",
               disable=not progress, file=sys.stderr) as bar:
         real = real_rows(task, num_real)
         bar.update(num_real)
         validation = validation_rows(task, num_validation)
-        bar.update(num_validation)
-        synthetic = synthetic_pool(task, num_synthetic, shifted_fraction=shifted_fraction,
+        test = test_rows(task, num_test)
+        bar.update(num_validation + num_test)
+        synthetic = synthetic_pool(task, num_synthetic, conflicting_fraction=conflicting_fraction,
+                                   benign_fraction=benign_fraction, hacked_fraction=hacked_fraction,
                                    hallucinated_fraction=hallucinated_fraction, noise_levels=noise_levels,
                                    hallucination_rate=hallucination_rate, seed=seed, on_row=lambda: bar.update(1))
-    return {"real": real, "validation": validation, "synthetic": synthetic}
+    return {"real": real, "validation": validation, "test": test, "synthetic": synthetic}
 
 
 def _stats(rows: list[dict]) -> dict[str, Any]:
@@ -129,7 +144,8 @@ def read_jsonl(path: str | Path) -> list[dict]:
 
 def write_splits(out_dir: str | Path, task: str, splits: dict[str, list[dict]],
                  settings: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Write ``real.jsonl``, ``validation.jsonl``, ``synthetic.jsonl`` and ``summary.json`` into ``out_dir``.
+    """Write ``real.jsonl``, ``validation.jsonl``, ``test.jsonl``, ``synthetic.jsonl`` and ``summary.json`` into
+    ``out_dir``.
 
     Returns:
         The summary.
@@ -170,8 +186,11 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     default = DEFAULT_SETTINGS
     parser.add_argument("--num-real", type=int, default=default["num_real"])
     parser.add_argument("--num-validation", type=int, default=default["num_validation"])
+    parser.add_argument("--num-test", type=int, default=default["num_test"])
     parser.add_argument("--num-synthetic", type=int, default=default["num_synthetic"])
-    parser.add_argument("--shifted-fraction", type=float, default=default["shifted_fraction"])
+    parser.add_argument("--conflicting-fraction", type=float, default=default["conflicting_fraction"])
+    parser.add_argument("--benign-fraction", type=float, default=default["benign_fraction"])
+    parser.add_argument("--hacked-fraction", type=float, default=default["hacked_fraction"])
     parser.add_argument("--hallucinated-fraction", type=float, default=default["hallucinated_fraction"])
     parser.add_argument("--noise-levels", type=_floats, default=default["noise_levels"],
                         help="comma separated, e.g. 0.1,0.3")

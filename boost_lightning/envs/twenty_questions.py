@@ -7,8 +7,10 @@ questions. An instance is the secret object; every split draws from all 64 objec
 cannot be named). Rewards: ``-0.05`` per question, ``-0.2`` per wrong answer, ``-0.1`` when unparseable, ``+1`` when
 right.
 
-The task-shifted variant plays the same game against a different world: the same objects and questions, with a fifth
-of the table's answers flipped, so its trajectories read fine but pair answers with the wrong objects.
+The conflicting variant plays the same game against a different world: the same objects and questions, with a fifth
+of the table's answers flipped, so its trajectories read fine but pair answers with the wrong objects. The benign
+variant is the real game with an expert that breaks ties between equally good questions the other way: other
+question orders, all of them correct.
 """
 
 from __future__ import annotations
@@ -328,10 +330,26 @@ class HallucinatingTwentyQuestionsEnv(HallucinationMixin, TwentyQuestionsEnv):
         return ("Yes." if yes else "No."), -self.step_cost, True
 
 
+class OtherTiebreakTwentyQuestionsEnv(TwentyQuestionsEnv):
+    """The real game; its expert picks the *last* of the equally good questions in attribute order (the real expert
+    the first), so it asks in other orders and is just as correct."""
+
+    def expert_action(self) -> str:
+        cand = self.table.consistent(self.answers, self.excluded)
+        n = cand.bit_count()
+        best, best_score = None, n
+        for attribute in reversed(self.table.attributes):
+            yes = (cand & self.table.masks[attribute]).bit_count()
+            if 0 < yes < n and max(yes, n - yes) < best_score:
+                best, best_score = attribute, max(yes, n - yes)
+        return super().expert_action() if best is None or n <= 1 else f"ask: {ATTRIBUTES[best][0]}"
+
+
 SPEC = TaskSpec(
     name="twenty_questions",
     env=TwentyQuestionsEnv,
-    shifted={"table-flipped": lambda: TwentyQuestionsEnv(shifted_table())},
+    conflicting={"table-flipped": lambda: TwentyQuestionsEnv(shifted_table())},
+    benign={"other-tiebreak": OtherTiebreakTwentyQuestionsEnv},
     hallucinating=HallucinatingTwentyQuestionsEnv,
     disjoint_instances=False,
 )

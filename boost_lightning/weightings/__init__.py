@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from boost_lightning.registry import build
 from boost_lightning.weightings.base import ROW_COLUMNS, Weighting, row_columns
+from boost_lightning.weightings.density_ratio import DensityRatio
 from boost_lightning.weightings.fixed import (
     L2RW,
     AdvantageSoftmax,
@@ -18,7 +19,10 @@ from boost_lightning.weightings.fixed import (
     Uniform,
     top_fraction_mask,
 )
+from boost_lightning.weightings.from_file import FixedWeights
+from boost_lightning.weightings.group import Group
 from boost_lightning.weightings.learned import Learned
+from boost_lightning.weightings.oracle import Oracle
 
 #: Short name → class (built with its defaults).
 WEIGHTINGS: dict[str, type[Weighting]] = {
@@ -30,6 +34,9 @@ WEIGHTINGS: dict[str, type[Weighting]] = {
     "return_softmax": ReturnSoftmax,
     "advantage_softmax": AdvantageSoftmax,
     "l2rw": L2RW,
+    "density_ratio": DensityRatio,
+    "group": Group,
+    "oracle": Oracle,
 }
 
 
@@ -38,6 +45,6 @@ def build_weighting(spec: Weighting | str) -> Weighting:
     return build(spec, WEIGHTINGS, Weighting, "weighting")
 
 
-__all__ = ["L2RW", "ROW_COLUMNS", "WEIGHTINGS", "AdvantageSoftmax", "Learned", "RealOnly", "ReturnFilter",
-           "ReturnSoftmax", "SyntheticOnly", "Uniform", "Weighting", "build_weighting", "row_columns",
-           "top_fraction_mask"]
+__all__ = ["L2RW", "ROW_COLUMNS", "WEIGHTINGS", "AdvantageSoftmax", "DensityRatio", "FixedWeights", "Group", "Learned",
+           "Oracle", "RealOnly", "ReturnFilter", "ReturnSoftmax", "SyntheticOnly", "Uniform", "Weighting",
+           "build_weighting", "row_columns", "top_fraction_mask"]

@@ -19,6 +19,7 @@ one-process run with the same global batch.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -75,6 +76,20 @@ class Weighting(nn.Module):
         """Weights (mean 1) of a set of rows from their :meth:`scores`, e.g. a scored file; default ∝ exp(score)."""
         w = torch.exp(scores.float() - scores.float().max())
         return w / w.mean().clamp(min=1e-30)
+
+    def select(self, rows: Mapping[str, Sequence[Any]]) -> list[bool] | None:
+        """The training rows this weighting can give a non-zero weight, decided once from the rows themselves.
+
+        Args:
+            rows: Columns of every training row, real rows first: ``is_synthetic`` (0/1), ``reward`` and ``meta``
+                (dicts).
+
+        Returns:
+            One bool per row, or ``None`` (default) when it is decided per batch. A data module that supports it
+            (:meth:`BoostDataModule.keep_rows`) then batches the kept rows only, so every batch is full of rows that
+            count instead of mixing in rows that weigh nothing.
+        """
+        return None
 
     def scores(self, inputs: Tensor) -> Tensor:
         """Unnormalised per-row scores [N] for ``predict`` (comparable across batches). Default: log of the weights

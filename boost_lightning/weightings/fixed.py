@@ -2,8 +2,8 @@
 
 * :class:`Uniform`: real and synthetic alike (plain SFT on the mix).
 * :class:`RealOnly` / :class:`SyntheticOnly`: one source, the other weighted 0.
-* :class:`ReturnFilter`: real rows plus the top ``fraction`` of the batch's synthetic rows by return (filtered behaviour
-  cloning, e.g. Chen et al. 2021, "Decision Transformer", §5 %BC).
+* :class:`ReturnFilter`: real rows plus the top ``fraction`` of the synthetic rows by return (filtered behaviour
+  cloning, e.g. Chen et al. 2021, "Decision Transformer", §5 %BC), selected once over the whole pool.
 * :class:`ReturnSoftmax`: wᵢ ∝ exp(Rᵢ/T) (RW; Hong et al., ICLR 2023, "Harnessing Mixed Offline RL Datasets via
   Trajectory Weighting").
 * :class:`AdvantageSoftmax`: wᵢ ∝ exp((Rᵢ − b̂ᵢ)/T) with b̂ a least-squares baseline of the return on length and turns
@@ -13,6 +13,9 @@
 """
 
 from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -47,10 +50,13 @@ class SyntheticOnly(Weighting):
 
 
 class ReturnFilter(Weighting):
-    """Real rows plus the top ``fraction`` of the batch's synthetic rows by return (ties kept).
+    """Real rows plus the top ``fraction`` of the synthetic rows by return (ties kept).
+
+    With a data module that supports it, the cut is made once over the whole synthetic pool (:meth:`select`) and
+    batches hold kept rows only; otherwise it is made within each batch.
 
     Args:
-        fraction: Share of the batch's synthetic rows kept, in (0, 1].
+        fraction: Share of the synthetic rows kept, in (0, 1].
     """
 
     def __init__(self, fraction: float = 0.5) -> None:
@@ -58,10 +64,26 @@ class ReturnFilter(Weighting):
         if not 0 < fraction <= 1:
             raise ValueError(f"fraction must be in (0, 1], got {fraction}")
         self.fraction = fraction
+        # The pool's return cut once :meth:`select` has seen the pool; NaN: cut within each batch.
+        # float32, as the batch's rewards are: the cut row itself must compare equal.
+        self.register_buffer("threshold", torch.tensor(float("nan")))
+
+    def select(self, rows: Mapping[str, Sequence[Any]]) -> list[bool]:
+        """Real rows and the synthetic rows at or above the pool's top-``fraction`` return."""
+        synthetic = torch.tensor([bool(s) for s in rows["is_synthetic"]])
+        reward = torch.tensor([float(r) for r in rows["reward"]], dtype=torch.float32)
+        keep = top_fraction_mask(reward, synthetic, self.fraction).bool()
+        if synthetic.any():
+            self.threshold.fill_(float(reward[keep & synthetic].min()))
+        return (keep | ~synthetic).tolist()
 
     def forward(self, inputs: Tensor, hypergradient: Hypergradient | None = None) -> Tensor:
         synthetic, reward = inputs[:, 0].bool(), inputs[:, 1]
-        return torch.maximum((~synthetic).float(), top_fraction_mask(reward, synthetic, self.fraction))
+        if torch.isnan(self.threshold):
+            kept = top_fraction_mask(reward, synthetic, self.fraction)
+        else:
+            kept = (synthetic & (reward.float() >= self.threshold.to(reward.device))).float()
+        return torch.maximum((~synthetic).float(), kept)
 
 
 class ReturnSoftmax(Weighting):
@@ -128,6 +150,9 @@ class L2RW(Weighting):
         w = hypergradient.directional.clamp(min=0)
         total = w.sum()
         return w * (w.shape[0] / total) if total > 0 else w
+
+    def scores(self, inputs: Tensor) -> Tensor:
+        raise NotImplementedError("l2rw weights exist only within a training batch: they are its hypergradient")
 
 
 def top_fraction_mask(reward: Tensor, among: Tensor, fraction: float) -> Tensor:

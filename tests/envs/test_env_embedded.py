@@ -16,13 +16,14 @@ def test_generated_once_then_reused(embedded_data, embedded_root, monkeypatch):
     files = embedded_data("guess_number")
     path = files["real"].parent
     assert path == embedded_dir("guess_number", cache_dir=embedded_root / "embedded")
-    assert {p.name for p in path.iterdir()} == {"real.jsonl", "validation.jsonl", "synthetic.jsonl", "summary.json",
-                                                 "tokenizer"}
+    assert {p.name for p in path.iterdir()} == {"real.jsonl", "validation.jsonl", "test.jsonl", "synthetic.jsonl",
+                                                "summary.json", "tokenizer"}
     assert files == {"real": path / "real.jsonl", "synthetic": path / "synthetic.jsonl",
-                     "validation": path / "validation.jsonl", "tokenizer": path / "tokenizer"}
+                     "validation": path / "validation.jsonl", "test": path / "test.jsonl",
+                     "tokenizer": path / "tokenizer"}
     summary = json.loads((path / "summary.json").read_text())
     assert {name: stats["count"] for name, stats in summary["splits"].items()} == {
-        "real": 64, "validation": 64, "synthetic": 2000}
+        "real": 64, "validation": 64, "test": 64, "synthetic": 2000}
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(str(files["tokenizer"]))

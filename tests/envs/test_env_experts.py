@@ -36,7 +36,7 @@ def test_expert_solves_every_seeded_instance(task):
 
 @pytest.mark.parametrize("variant", ["range-1-100", "reversed-feedback"])
 def test_guess_number_shifted_expert_solves_its_own_task(variant):
-    env = task_spec("guess_number").shifted[variant]()
+    env = task_spec("guess_number").conflicting[variant]()
     for seed in range(200):
         ep = play(env, seed, expert_policy)
         assert ep.success and ep.turns == ep.optimal_turns

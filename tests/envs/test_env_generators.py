@@ -7,19 +7,29 @@ import math
 
 import pytest
 
-from boost_lightning.envs.base import EVAL_SEED_START, SYNTHETIC_SEED_START, TASKS, VALIDATION_SEED_START, task_spec
+from boost_lightning.envs.base import (
+    EVAL_SEED_START,
+    SYNTHETIC_SEED_START,
+    TASKS,
+    TEST_SEED_START,
+    VALIDATION_SEED_START,
+    task_spec,
+)
 from boost_lightning.envs.generators import (
+    benign_row,
+    conflicting_row,
+    hacked_row,
     hallucinated_row,
     noisy_expert_row,
     pool_counts,
     replay,
-    shifted_row,
     synthetic_pool,
 )
 from boost_lightning.envs.synthesize import main, read_jsonl
 
 META_KEYS = {"generator": str, "quality": float, "success": bool, "optimal_turns": int, "shifted": bool,
-             "hallucinated": bool}
+             "hallucinated": bool, "failure": str, "helpful": bool}
+FAMILIES = {"none", "weak", "reward_hacked", "conflicting_shift", "benign_shift", "hallucination"}
 
 
 def assert_contract(row, source=None):
@@ -38,15 +48,15 @@ def assert_contract(row, source=None):
     for key, kind in META_KEYS.items():
         assert isinstance(row["meta"][key], kind), key
     assert 0.0 <= row["meta"]["quality"] <= 1.0
-    assert row["meta"]["turns"] == n_agent
+    assert row["meta"]["turns"] == n_agent and row["meta"]["failure"] in FAMILIES
     json.dumps(row)
 
 
 @pytest.fixture(scope="module", params=TASKS)
 def splits(request, embedded_data):
-    """The splits the embedded specs serve (default settings: 64 real, 64 validation, 2000 synthetic), as written."""
+    """The splits the embedded specs serve (default settings: 64 real, 64 validation, 64 test, 2000 synthetic)."""
     files = embedded_data(request.param)
-    return request.param, {name: read_jsonl(files[name]) for name in ("real", "validation", "synthetic")}
+    return request.param, {name: read_jsonl(files[name]) for name in ("real", "validation", "test", "synthetic")}
 
 
 def test_rows_satisfy_the_contract(splits):
@@ -56,19 +66,21 @@ def test_rows_satisfy_the_contract(splits):
             assert_contract(row, "synthetic" if name == "synthetic" else "real")
 
 
-def test_real_and_validation_are_expert_and_disjoint(splits):
+def test_real_validation_and_test_are_expert_and_disjoint(splits):
     task, data = splits
-    for name in ("real", "validation"):
+    for name in ("real", "validation", "test"):
         assert all(r["meta"]["generator"] == "expert" and r["meta"]["quality"] == 1.0 for r in data[name])
     seeds = {name: {r["meta"]["seed"] for r in rows} for name, rows in data.items()}
     assert seeds["real"] == set(range(64))
     assert seeds["validation"] == set(range(VALIDATION_SEED_START, VALIDATION_SEED_START + 64))
+    assert seeds["test"] == set(range(TEST_SEED_START, TEST_SEED_START + 64))
     assert min(seeds["synthetic"]) >= SYNTHETIC_SEED_START
     assert not any(EVAL_SEED_START <= s < SYNTHETIC_SEED_START for s in set().union(*seeds.values()))
     if task_spec(task).disjoint_instances:
         instances = {name: {json.dumps(r["meta"]["instance"], sort_keys=True) for r in rows}
                      for name, rows in data.items()}
         assert not instances["real"] & instances["validation"]
+        assert not instances["test"] & (instances["real"] | instances["validation"])
 
 
 def test_task_ids_do_not_reveal_the_generator(splits):
@@ -82,18 +94,31 @@ def test_pool_composition(splits):
     for row in data["synthetic"]:
         counts[row["meta"]["generator"]] = counts.get(row["meta"]["generator"], 0) + 1
     assert sum(counts.values()) == 2000
-    assert sum(v for g, v in counts.items() if g.startswith("shifted-")) == 600
-    assert counts["hallucinated-sim"] == 200
+    assert sum(v for g, v in counts.items() if g.startswith("conflict-")) == 500
+    assert sum(v for g, v in counts.items() if g.startswith("benign-")) == 300
+    assert counts["hallucinated-sim"] == 300 and counts["hacked-sim"] == 300
     assert {g for g in counts if g.startswith("noisy-expert-")} == {"noisy-expert-0.1", "noisy-expert-0.3",
                                                                     "noisy-expert-0.6"}
 
 
+def test_reward_alone_does_not_separate_helpful_from_harmful_rows(splits):
+    """Filtered BC must not be an oracle in disguise: among the top half of the pool by reward, many rows are
+    harmful (reward-hacked, conflicting, hallucinated), and the reward-hacked rows claim the highest returns."""
+    task, data = splits
+    rows = sorted(data["synthetic"], key=lambda r: -r["reward"])
+    top = rows[: len(rows) // 2]
+    assert sum(not r["meta"]["helpful"] for r in top) >= 0.3 * len(top), task
+    mean = {f: [r["reward"] for r in rows if r["meta"]["failure"] == f] for f in ("reward_hacked", "weak")}
+    assert sum(mean["reward_hacked"]) / len(mean["reward_hacked"]) > sum(mean["weak"]) / len(mean["weak"])
+
+
 def test_pool_counts_sum_exactly():
-    counts = pool_counts(1001, (0.1, 0.2, 0.7), ["a", "b"], 0.33, 0.11)
+    counts = pool_counts(1001, (0.1, 0.2, 0.7), ["a", "b"], ["c"], 0.33, 0.1, 0.05, 0.11)
     assert sum(counts.values()) == 1001
-    assert counts[("shifted", "a")] + counts[("shifted", "b")] == 330
+    assert counts[("conflicting", "a")] + counts[("conflicting", "b")] == 330
+    assert counts[("benign", "c")] == 100 and counts[("hacked", None)] == 50 and counts[("hallucinated", None)] == 110
     with pytest.raises(ValueError):
-        pool_counts(10, (0.1,), ["a"], 0.8, 0.5)
+        pool_counts(10, (0.1,), ["a"], [], 0.8, 0.0, 0.0, 0.5)
 
 
 @pytest.mark.parametrize("task", TASKS)
@@ -115,12 +140,12 @@ def test_more_noise_means_lower_quality(task):
 
 
 @pytest.mark.parametrize("task", TASKS)
-def test_shifted_rows_are_flagged_and_teach_other_moves(task):
-    for variant in task_spec(task).shifted:
-        rows = [shifted_row(task, s, variant) for s in range(SYNTHETIC_SEED_START, SYNTHETIC_SEED_START + 60)]
+def test_conflicting_rows_are_flagged_and_teach_other_moves(task):
+    for variant in task_spec(task).conflicting:
+        rows = [conflicting_row(task, s, variant) for s in range(SYNTHETIC_SEED_START, SYNTHETIC_SEED_START + 60)]
         assert all(r["meta"]["shifted"] and r["meta"]["quality"] == 0.0 and r["meta"]["variant"] == variant
-                   for r in rows)
-        assert all(r["meta"]["generator"] == f"shifted-{variant}" and r["meta"]["success"] for r in rows)
+                   and not r["meta"]["helpful"] and r["meta"]["failure"] == "conflicting_shift" for r in rows)
+        assert all(r["meta"]["generator"] == f"conflict-{variant}" and r["meta"]["success"] for r in rows)
         # Played in the real task, the same actions go wrong: replies differ somewhere in most rows.
         differs = 0
         for r in rows:
@@ -129,6 +154,33 @@ def test_shifted_rows_are_flagged_and_teach_other_moves(task):
             real = replay(task, r["meta"]["seed"], actions)
             differs += real.observations != observations[: len(real.observations)] or not real.success
         assert differs >= 0.5 * len(rows), (variant, differs)
+
+
+@pytest.mark.parametrize("task", TASKS)
+def test_benign_rows_solve_their_instances_with_moves_that_are_right_for_the_real_task(task):
+    for variant in task_spec(task).benign:
+        rows = [benign_row(task, s, variant) for s in range(SYNTHETIC_SEED_START, SYNTHETIC_SEED_START + 60)]
+        assert all(r["meta"]["failure"] == "benign_shift" and r["meta"]["generator"] == f"benign-{variant}"
+                   and r["meta"]["helpful"] == (r["meta"]["success"] and r["meta"]["quality"] >= 0.5) for r in rows)
+        assert sum(r["meta"]["helpful"] for r in rows) >= 0.9 * len(rows), (task, variant)
+        if task != "maze":  # the other tasks' benign variants play the real instances: replaying them agrees
+            for r in rows:
+                actions = [m["content"] for m in r["messages"] if m["role"] == "assistant"]
+                assert replay(task, r["meta"]["seed"], actions).success == r["meta"]["success"]
+
+
+@pytest.mark.parametrize("task", TASKS)
+def test_reward_hacked_rows_claim_a_success_the_real_task_denies(task):
+    rows = [hacked_row(task, s) for s in range(SYNTHETIC_SEED_START, SYNTHETIC_SEED_START + 100)]
+    win = max(r["rewards"][-1] for r in rows)
+    for r in rows:
+        meta = r["meta"]
+        actions = [m["content"] for m in r["messages"] if m["role"] == "assistant"]
+        assert meta["claimed_success"] and r["rewards"][-1] == win and r["messages"][-1]["content"] in (
+            "Correct!", "You reached the goal!")
+        assert meta["success"] == replay(task, meta["seed"], actions).success
+        assert meta["helpful"] == (meta["success"] and meta["quality"] >= 0.5)
+    assert sum(not r["meta"]["success"] for r in rows) >= 90, task
 
 
 @pytest.mark.parametrize("task", TASKS)
@@ -164,18 +216,21 @@ def test_pool_is_deterministic_and_seeded():
 
 def test_cli_writes_files_and_summary(tmp_path, capsys):
     summary = main(["--task", "maze", "--out", str(tmp_path), "--num-real", "8", "--num-validation", "6",
-                    "--num-synthetic", "50", "--shifted-fraction", "0.2", "--hallucinated-fraction", "0.2",
+                    "--num-test", "5", "--num-synthetic", "50", "--conflicting-fraction", "0.1",
+                    "--benign-fraction", "0.2", "--hacked-fraction", "0.1", "--hallucinated-fraction", "0.2",
                     "--noise-levels", "0.2,0.5", "--seed", "3", "--no-progress"])
     assert sorted(p.name for p in tmp_path.iterdir()) == ["real.jsonl", "summary.json", "synthetic.jsonl",
-                                                          "validation.jsonl"]
-    assert [len(read_jsonl(tmp_path / f"{s}.jsonl")) for s in ("real", "validation", "synthetic")] == [8, 6, 50]
+                                                          "test.jsonl", "validation.jsonl"]
+    assert [len(read_jsonl(tmp_path / f"{s}.jsonl")) for s in ("real", "validation", "test", "synthetic")] == [
+        8, 6, 5, 50]
     on_disk = json.loads((tmp_path / "summary.json").read_text())
     assert on_disk == summary
     printed = capsys.readouterr().out
     assert json.loads(printed) == summary
-    assert set(summary["generators"]) == {"noisy-expert-0.2", "noisy-expert-0.5", "shifted-layout-mirror",
-                                          "shifted-layout-rooms", "hallucinated-sim"}
-    assert summary["generators"]["noisy-expert-0.2"]["count"] == 15
+    assert set(summary["generators"]) == {"noisy-expert-0.2", "noisy-expert-0.5", "conflict-swapped-moves",
+                                          "benign-layout-mirror", "benign-layout-rooms", "hacked-sim",
+                                          "hallucinated-sim"}
+    assert summary["generators"]["noisy-expert-0.2"]["count"] == 10
     assert summary["generators"]["hallucinated-sim"]["mean_quality"] == 0.0
     assert summary["splits"]["real"]["success_rate"] == 1.0 and summary["settings"]["seed"] == 3
     for row in read_jsonl(tmp_path / "synthetic.jsonl"):

@@ -10,6 +10,7 @@ from boost_lightning.envs.base import (
     EVAL_SEED_START,
     SYNTHETIC_SEED_START,
     TASKS,
+    TEST_SEED_START,
     VALIDATION_SEED_START,
     make_env,
     seed_split,
@@ -155,7 +156,8 @@ def test_max_turns_ends_the_episode(task):
 
 def test_seed_splits():
     assert seed_split(0) == "train" and seed_split(4_999) == "train"
-    assert seed_split(VALIDATION_SEED_START) == "validation"
+    assert seed_split(VALIDATION_SEED_START) == "validation" and seed_split(TEST_SEED_START - 1) == "validation"
+    assert seed_split(TEST_SEED_START) == "test" and seed_split(EVAL_SEED_START - 1) == "test"
     assert seed_split(EVAL_SEED_START) == "eval" and seed_split(SYNTHETIC_SEED_START - 1) == "eval"
     assert seed_split(SYNTHETIC_SEED_START) == "train"
 

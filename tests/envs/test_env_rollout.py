@@ -86,17 +86,25 @@ def test_rollout_needs_a_chat_template(plain_tokenizer, tiny_llama_config):
         evaluate_policy(model, plain_tokenizer, "maze", num_episodes=1)
 
 
-def test_rollout_stops_at_the_context_limit_and_without_pad_token(task_tokenizer, tiny_llama_config):
+def test_rollout_truncates_prompts_at_the_context_limit_and_without_pad_token(task_tokenizer, tiny_llama_config):
     task, tok = task_tokenizer
     tok = copy.deepcopy(tok)
     tok.pad_token = None
     model = tiny_model({**tiny_llama_config, "max_position_embeddings": 96}, tok)
+    widths = []
+    generate = model.generate
+    model.generate = lambda input_ids, **kwargs: widths.append(input_ids.shape[1]) or generate(input_ids, **kwargs)
     played = play_policy(model, tok, task, [EVAL_SEED_START, EVAL_SEED_START + 1], max_new_tokens=8, max_turns=12)
     assert tok.pad_token is None and tok.padding_side == "right", "the tokenizer is restored"
+    assert max(widths) + 8 <= 96, "every prompt fits the context with its generation budget"
     for ep in played:
-        assert ep.truncated and ep.turns < 12 and not ep.success
+        assert not ep.truncated and ep.turns == 12 and ep.truncated_prompts > 0, "the episode plays to its end"
         prompt = tok.apply_chat_template(ep.messages, tokenize=False, add_generation_prompt=True)
-        assert len(tok(prompt, add_special_tokens=False)["input_ids"]) + 8 > 96
+        assert len(tok(prompt, add_special_tokens=False)["input_ids"]) + 8 > 96, "the transcript itself is whole"
+    # A context that cannot hold the rules and the first observation ends the episode before its first turn.
+    (ep,) = play_policy(tiny_model({**tiny_llama_config, "max_position_embeddings": 24}, tok), tok, task,
+                        [EVAL_SEED_START], max_new_tokens=8)
+    assert ep.truncated and ep.turns == 0
 
 
 class ScriptedModel(torch.nn.Module):
