@@ -19,7 +19,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 
 from boost_lightning import cache
 from boost_lightning.data.sources import content_hash, read_rows
-from boost_lightning.data.trajectory import IMPLIED_SOURCE
+from boost_lightning.data.trajectory import IGNORE_INDEX, IMPLIED_SOURCE
 from boost_lightning.evaluation import RolloutEvaluation  # noqa: F401  (re-exported: older configs name it here)
 
 
@@ -31,11 +31,21 @@ def _tensorboard(trainer: Trainer):
 
 
 class WeightDiagnostics(Callback):
-    """Write weight histograms per source and mean weight per ``meta`` group to TensorBoard.
+    """Write the weights of the training rows to TensorBoard: histograms, means per group, a box plot, the extremes.
 
     Weights are collected from every training batch and flushed every ``every_n_steps`` training batches as
-    ``weights/hist_real`` and ``weights/hist_synthetic`` histograms and ``weights/<group_by>/<value>`` means.
-    The flushed means are also kept in :attr:`history` (one dict per flush) for plots and benchmarks.
+
+    * ``weights/hist_real`` and ``weights/hist_synthetic``: histograms per source;
+    * ``weights/<group_by>/<value>``: the mean weight per ``meta`` value (kept in :attr:`history` too, one dict per
+      flush, for plots and benchmarks);
+    * ``weights/distribution`` (Images tab): one box per group of the window's rows, the real rows as their own
+      group ``real`` and every synthetic row in the box of its ``meta[group_by]`` value (``synthetic`` without one);
+    * ``weights/extremes`` (Text tab): the ``num_extremes`` highest- and lowest-weighted rows of the window with
+      their weight, source, group, reward, task id and an excerpt of the conversation (the first agent turn and the
+      last observation, decoded with the data module's tokenizer), also kept in :attr:`last_extremes`.
+
+    Figure and text are written only when a TensorBoard logger is attached; a failure to draw them is warned about
+    once and never stops training. Under DDP they come from rank zero's rows.
 
     Everything is keyed on the module's ``inner_steps`` (policy steps taken so far), not on
     ``trainer.global_step``: under manual optimization the latter counts the optimizer steps of both levels, so
@@ -44,16 +54,31 @@ class WeightDiagnostics(Callback):
     Args:
         every_n_steps: Flush interval in training batches.
         group_by: ``meta`` key whose values group the synthetic pool (e.g. ``generator``); None: no groups.
+        num_extremes: Rows listed at each end of ``weights/extremes``; 0 turns the text panel off.
     """
 
-    def __init__(self, every_n_steps: int = 25, group_by: str | None = "generator") -> None:
-        self.every_n_steps, self.group_by = every_n_steps, group_by
+    #: Characters kept of each excerpt in ``weights/extremes``.
+    EXCERPT_CHARS = 200
+
+    def __init__(self, every_n_steps: int = 25, group_by: str | None = "generator", num_extremes: int = 3) -> None:
+        if num_extremes < 0:
+            raise ValueError(f"num_extremes must be >= 0, got {num_extremes}")
+        self.every_n_steps, self.group_by, self.num_extremes = every_n_steps, group_by, num_extremes
         self.history: list[dict[str, float]] = []
+        #: The extremes of the last flush that wrote ``weights/extremes`` (rank zero, TensorBoard attached):
+        #: ``{"highest": [...], "lowest": [...]}``, one dict per row (weight, source, group, reward, task_id,
+        #: first_action, last_observation), the most extreme first.
+        self.last_extremes: dict[str, list[dict[str, Any]]] = {"highest": [], "lowest": []}
+        self._warned: set[str] = set()
         self._reset()
 
     def _reset(self) -> None:
         self._weights: dict[str, list[float]] = defaultdict(list)
         self._groups: dict[str, list[float]] = defaultdict(list)
+        self._boxes: dict[str, list[float]] = defaultdict(list)
+        self._highest: list[dict[str, Any]] = []
+        self._lowest: list[dict[str, Any]] = []
+        self._first_step: int | None = None
 
     def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
@@ -63,13 +88,59 @@ class WeightDiagnostics(Callback):
         synthetic = outputs["is_synthetic"].cpu().bool()
         self._weights["real"] += weights[~synthetic].tolist()
         self._weights["synthetic"] += weights[synthetic].tolist()
+        metas = list(batch["inner"].get("meta", []))
         if self.group_by is not None:
-            for w, meta in zip(weights.tolist(), batch["inner"].get("meta", [])):
+            for w, meta in zip(weights.tolist(), metas):
                 value = (meta or {}).get(self.group_by)
                 if value is not None:
                     self._groups[str(value)].append(w)
+        if self._first_step is None:
+            self._first_step = int(pl_module.inner_steps)
+        if trainer.is_global_zero and _tensorboard(trainer) is not None:
+            self._observe(weights, synthetic, batch["inner"], metas)
         if (batch_idx + 1) % self.every_n_steps == 0:
             self._flush(trainer, pl_module.inner_steps)
+
+    def _group(self, synthetic: bool, meta: Any) -> str:
+        if not synthetic:
+            return "real"
+        value = (meta or {}).get(self.group_by) if self.group_by is not None else None
+        return "synthetic" if value is None else str(value)
+
+    def _observe(self, weights: torch.Tensor, synthetic: torch.Tensor, inner: Any, metas: list[Any]) -> None:
+        """Keep what the figure and the extremes of the window need: every weight by group, the candidate rows."""
+        groups = [self._group(bool(s), metas[i] if i < len(metas) else None) for i, s in enumerate(synthetic.tolist())]
+        for w, group in zip(weights.tolist(), groups):
+            self._boxes[group].append(w)
+        k = min(self.num_extremes, len(weights))
+        if k == 0:
+            return
+        # Only this batch's own top and bottom k can enter the window's: the others are never decoded or kept.
+        candidates = set(torch.topk(weights, k).indices.tolist()) | set(torch.topk(-weights, k).indices.tolist())
+        rows = [self._row(inner, i, float(weights[i]), bool(synthetic[i]), groups[i]) for i in sorted(candidates)]
+        self._highest = sorted(self._highest + rows, key=lambda r: -r["weight"])[: self.num_extremes]
+        self._lowest = sorted(self._lowest + rows, key=lambda r: r["weight"])[: self.num_extremes]
+
+    @staticmethod
+    def _row(inner: Any, i: int, weight: float, synthetic: bool, group: str) -> dict[str, Any]:
+        row: dict[str, Any] = {"weight": weight, "source": "synthetic" if synthetic else "real", "group": group}
+        reward = inner.get("reward")
+        row["reward"] = float(reward[i]) if reward is not None else float("nan")
+        task_ids = inner.get("task_id")
+        row["task_id"] = str(task_ids[i]) if task_ids is not None else ""
+        # Token ids, decoded at the flush: the batch carries tokens, not messages (see data/collate.py).
+        row["first_action"], row["last_observation"] = [], []
+        ids, turns = inner.get("input_ids"), inner.get("turn_ids")
+        if ids is None or turns is None:
+            return row
+        ids, turns = ids[i].cpu(), turns[i].cpu()
+        labels, observed = inner.get("labels"), inner.get("obs_mask")
+        for name, mask, pick in (("first_action", None if labels is None else labels[i].cpu() != IGNORE_INDEX, min),
+                                 ("last_observation", None if observed is None else observed[i].cpu().bool(), max)):
+            if mask is not None and bool(mask.any()):
+                turn = pick(turns[mask].tolist())
+                row[name] = ids[mask & (turns == turn)].tolist()
+        return row
 
     def _flush(self, trainer: Trainer, step: int) -> None:
         record: dict[str, float] = {"step": float(step)}
@@ -85,7 +156,83 @@ class WeightDiagnostics(Callback):
                 for logger in trainer.loggers:
                     logger.log_metrics({f"weights/{self.group_by}/{k}": v for k, v in record.items() if k != "step"},
                                        step=step)
+        if experiment is not None:
+            window = (self._first_step if self._first_step is not None else step, step)
+            if self._boxes:
+                self._guarded("weights/distribution", self._draw_distribution, experiment, step, window)
+            if self._highest:
+                self._guarded("weights/extremes", self._write_extremes, experiment, step, window,
+                              _tokenizer(trainer))
         self._reset()
+
+    def _guarded(self, tag: str, write: Any, *args: Any) -> None:
+        # A picture is a convenience: whatever goes wrong drawing it must not cost the run.
+        try:
+            write(*args)
+        except Exception as err:
+            if tag not in self._warned:
+                self._warned.add(tag)
+                rank_zero_warn(f"WeightDiagnostics: could not write {tag} to TensorBoard ({type(err).__name__}: "
+                               f"{err}); training goes on without it (warned once)")
+
+    def _draw_distribution(self, experiment: Any, step: int, window: tuple[int, int]) -> None:
+        # Imported here: `fit --help` and runs without TensorBoard never need matplotlib.
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
+
+        names = sorted(self._boxes, key=lambda name: (name != "real", name))
+        figure = Figure(figsize=(max(4.0, 1.1 * len(names) + 1.5), 3.6), dpi=100)
+        FigureCanvasAgg(figure)  # the Agg canvas, whatever backend pyplot would pick
+        axes = figure.add_subplot()
+        axes.boxplot([self._boxes[name] for name in names], showmeans=True)
+        axes.set_xticks(range(1, len(names) + 1),
+                        [f"{name}\n(n={len(self._boxes[name])})" for name in names], fontsize=8,
+                        rotation=30 if len(names) > 4 else 0)
+        axes.axhline(1.0, color="grey", linewidth=0.8, linestyle=":")
+        axes.set_ylabel("weight")
+        grouping = f"meta.{self.group_by}" if self.group_by is not None else "source"
+        axes.set_title(f"weights by {grouping}, inner steps {window[0]}–{window[1]}", fontsize=9)
+        figure.tight_layout()
+        experiment.add_figure("weights/distribution", figure, step, close=False)
+
+    def _write_extremes(self, experiment: Any, step: int, window: tuple[int, int], tokenizer: Any) -> None:
+        def decode(ids: list[int]) -> str:
+            if not ids or tokenizer is None:
+                return ""
+            text = " ".join(tokenizer.decode(ids, skip_special_tokens=True).split())
+            return text if len(text) <= self.EXCERPT_CHARS else text[: self.EXCERPT_CHARS - 1] + "…"
+
+        self.last_extremes = {
+            end: [{**{k: v for k, v in row.items() if k not in ("first_action", "last_observation")},
+                   "first_action": decode(row["first_action"]), "last_observation": decode(row["last_observation"])}
+                  for row in rows]
+            for end, rows in (("highest", self._highest), ("lowest", self._lowest))
+        }
+        group = self.group_by or "group"
+        lines = [f"Rows of inner steps {window[0]}–{window[1]} by weight (rank zero's rows under DDP)."]
+        if tokenizer is None:
+            lines.append("No tokenizer on `trainer.datamodule`: no excerpts.")
+        for end, rows in self.last_extremes.items():
+            lines += ["", f"**{end.capitalize()} weights**", "",
+                      f"| weight | source | {group} | reward | task | first agent turn | last observation |",
+                      "|---|---|---|---|---|---|---|"]
+            lines += [f"| {row['weight']:.3f} | {row['source']} | {_cell(row['group'])} | {row['reward']:.3g} | "
+                      f"{_cell(row['task_id'])} | {_cell(row['first_action'])} | {_cell(row['last_observation'])} |"
+                      for row in rows]
+        experiment.add_text("weights/extremes", "\n".join(lines), step)
+
+
+def _tokenizer(trainer: Trainer) -> Any:
+    """The data module's tokenizer, if the run has a data module with one."""
+    try:
+        return getattr(trainer.datamodule, "tokenizer", None)
+    except Exception:  # a tokenizer that fails to load lazily: the excerpts are optional
+        return None
+
+
+def _cell(text: str) -> str:
+    """``text`` safe inside a Markdown table cell."""
+    return str(text).replace("\\", "\\\\").replace("|", "\\|").replace("\n", " ")
 
 
 class TrajectoryWeightWriter(BasePredictionWriter):

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import contextlib
+import importlib
+import inspect
 import logging
 import warnings
 from collections.abc import Iterator
@@ -37,7 +39,7 @@ class BoostCLI(LightningCLI):
     logs and checkpoints follow the run's root directory unless a ``save_dir`` without it is given. Without a
     subcommand (``run=False``) the parser also accepts the arguments of the subcommands (``ckpt_path``,
     ``weights_only``, ...), so that the ``config.yaml`` a run saves next to its logs loads again; they end up in
-    ``cli.config`` and are not used otherwise.
+    ``cli.config`` and are not used otherwise. ``--name`` sets the ``name`` of every configured logger at once.
     """
 
     def setup_parser(self, add_subcommands: bool, main_kwargs: dict[str, Any],
@@ -50,18 +52,31 @@ class BoostCLI(LightningCLI):
                                          help=f"{what} (accepted from a saved config; unused without a subcommand)")
 
     def before_instantiate_classes(self) -> None:
-        """Put ``--trainer.default_root_dir`` in place of ``{default_root_dir}`` in the loggers' ``save_dir``."""
+        """Put ``--trainer.default_root_dir`` in place of ``{default_root_dir}`` in the loggers' ``save_dir``, and
+        ``--name`` in place of the ``name`` of every logger that takes one."""
         config = self.config.get(str(self.subcommand), self.config) if self.subcommand else self.config
         trainer = config["trainer"]
         root = trainer.get("default_root_dir") or "."
+        name = config.get("name")
         configured = trainer.get("logger")
         for logger in configured if isinstance(configured, list) else [configured]:
             init_args = logger.get("init_args") if hasattr(logger, "get") else None
-            save_dir = init_args.get("save_dir") if init_args is not None else None
+            if init_args is None:
+                continue
+            save_dir = init_args.get("save_dir")
             if isinstance(save_dir, str) and ROOT_DIR in save_dir:
                 init_args["save_dir"] = str(Path(save_dir.replace(ROOT_DIR, str(root))))
+            if name is not None and ("name" in init_args or _takes_name(logger.get("class_path"))):
+                init_args["name"] = name
 
     def add_arguments_to_parser(self, parser) -> None:
+        # An argument of its own: `--trainer.logger.init_args.name` reaches only the last logger of a list.
+        parser.add_argument(
+            "--name", type=str | None, default=None,
+            help="Run name for every configured logger that takes a ``name`` (TensorBoard, CSV, W&B, ...): replaces "
+                 "each one's ``init_args.name``, so that all loggers of a list write under one run name "
+                 "(``--trainer.logger.init_args.name`` reaches only the last logger of a list). Default: each "
+                 "logger's own name.")
         parser.add_lightning_class_args(WeightDiagnostics, "diagnostics")
         parser.add_lightning_class_args(TrajectoryWeightWriter, "predict_writer")
         parser.add_lightning_class_args(PreemptionCheckpoint, "preemption")
@@ -92,6 +107,17 @@ class BoostCLI(LightningCLI):
     def predict(self, **kwargs: Any) -> Any:
         """``trainer.predict`` with the same checkpoint handling as ``fit``."""
         return self._trainer_call("predict", **kwargs)
+
+
+def _takes_name(class_path: Any) -> bool:
+    """Whether the logger class at ``class_path`` has a ``name`` argument."""
+    if not isinstance(class_path, str) or "." not in class_path:
+        return False
+    module, _, attr = class_path.rpartition(".")
+    try:
+        return "name" in inspect.signature(getattr(importlib.import_module(module), attr)).parameters
+    except (ImportError, AttributeError, TypeError, ValueError):
+        return False
 
 
 _SUBCOMMAND_ARGUMENTS: tuple[tuple[str, Any, Any, str], ...] = (

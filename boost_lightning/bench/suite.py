@@ -97,8 +97,7 @@ class Preset:
     max_new_tokens: int = 16
 
 
-_BUDGETS = {"maze": TaskBudget(steps=400), "guess_number": TaskBudget(steps=400),
-            "twenty_questions": TaskBudget(steps=400)}
+_BUDGETS = {task: TaskBudget(steps=300, num_real=16) for task in TASKS}
 PRESETS: dict[str, Preset] = {
     "quick": Preset(name="quick", budgets={t: TaskBudget(steps=60, num_synthetic=400) for t in TASKS}, seeds=1,
                     episodes=32, utility_seeds=0),

@@ -1,11 +1,12 @@
 """Embedded multi-turn tasks: text simulators, expert and synthetic trajectory generators, rollout evaluation.
 
 ``make_env(task)`` builds an environment (``reset(seed)`` -> chat messages, ``step(text)`` -> observation, reward,
-done, info); ``ensure_embedded(task)`` returns a cached directory of real / validation / synthetic JSONL files and a
-tokenizer, ``embedded_splits(task)`` the paths of those files; ``evaluate_policy(model, tokenizer, task)`` plays a
-causal LM on held-out instances. The rollout code is imported on first use, so the simulators and the synthesizer do
-not pay for importing torch (and ``python -m boost_lightning.envs.synthesize`` does not find its module already
-imported).
+done, info); any object with these and a ``success`` attribute follows ``EnvProtocol``, and ``env_factory(env)`` turns
+a task name, an import path or a callable into a factory of fresh environments. ``ensure_embedded(task)`` returns a
+cached directory of real / validation / synthetic JSONL files and a tokenizer, ``embedded_splits(task)`` the paths of
+those files; ``evaluate_policy(model, tokenizer, task)`` plays a causal LM on held-out instances. The rollout code
+(``env_factory`` included) is imported on first use, so the simulators and the synthesizer do not pay for importing
+torch (and ``python -m boost_lightning.envs.synthesize`` does not find its module already imported).
 """
 
 from typing import Any
@@ -18,6 +19,7 @@ from boost_lightning.envs.base import (
     TEST_SEED_START,
     VALIDATION_SEED_START,
     Env,
+    EnvProtocol,
     TaskSpec,
     make_env,
     seed_split,
@@ -51,6 +53,7 @@ __all__ = [
     "TASKS",
     "VALIDATION_SEED_START",
     "Env",
+    "EnvProtocol",
     "RolloutResult",
     "TaskSpec",
     "build_splits",
@@ -58,6 +61,7 @@ __all__ = [
     "embedded_dir",
     "embedded_splits",
     "ensure_embedded",
+    "env_factory",
     "evaluate_policy",
     "expert_rows",
     "hallucinated_row",
@@ -78,7 +82,7 @@ __all__ = [
     "validation_rows",
 ]
 
-_LAZY = {"RolloutResult": "rollout", "evaluate_policy": "rollout", "play_policy": "rollout",
+_LAZY = {"RolloutResult": "rollout", "env_factory": "rollout", "evaluate_policy": "rollout", "play_policy": "rollout",
          "build_splits": "synthesize"}
 
 

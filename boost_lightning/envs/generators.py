@@ -6,7 +6,7 @@ ground truth lives in ``meta`` only:
 
 - ``generator``: ``expert`` | ``noisy-expert-<p>`` | ``hacked-sim`` | ``conflict-<variant>`` | ``benign-<variant>``
   | ``hallucinated-sim`` | ``lm-<name>``; ``failure`` its family (see :func:`synthetic_pool`).
-- ``helpful``: the row demonstrates the real task (solved on the real dynamics in at most twice the optimal turns):
+- ``helpful``: the row demonstrates the real task (solved on the real dynamics in the expert's number of turns):
   the ground truth of the benchmark's ``oracle`` weighting, never available to a user.
 - ``quality`` in [0, 1]: how good the row is as a demonstration of the *real* task,
   ``success x min(1, optimal_turns / turns)`` on the real dynamics (benign rows: on their own instances), and 0 for
@@ -225,8 +225,9 @@ def noisy_expert_row(task: str, seed: int, noise: float, pool_seed: int = 0) -> 
 
 
 def _helpful(success: bool, quality: float) -> bool:
-    # A row that demonstrates the real task: solved on the real dynamics without wandering more than 2x the optimum.
-    return bool(success) and quality >= 0.5
+    # A row that demonstrates the real task as the real rows do: solved on the real dynamics in the expert's number
+    # of turns. A detour is not harmless to imitate: a noisy expert that still wins teaches its random moves too.
+    return bool(success) and quality >= 1.0 - 1e-9
 
 
 def conflicting_row(task: str, seed: int, variant: str) -> dict:
@@ -366,7 +367,7 @@ def synthetic_pool(task: str, num: int = DEFAULT_SETTINGS["num_synthetic"],
       dynamics (the expert trusts them).
 
     ``meta.helpful`` is the ground truth the benchmark's ``oracle`` reads: the row solves the real task on the real
-    dynamics (at most twice the optimal turns); never available to a user.
+    dynamics in the expert's number of turns; never available to a user.
 
     Args:
         task: Task name.

@@ -161,8 +161,8 @@ def test_benign_rows_solve_their_instances_with_moves_that_are_right_for_the_rea
     for variant in task_spec(task).benign:
         rows = [benign_row(task, s, variant) for s in range(SYNTHETIC_SEED_START, SYNTHETIC_SEED_START + 60)]
         assert all(r["meta"]["failure"] == "benign_shift" and r["meta"]["generator"] == f"benign-{variant}"
-                   and r["meta"]["helpful"] == (r["meta"]["success"] and r["meta"]["quality"] >= 0.5) for r in rows)
-        assert sum(r["meta"]["helpful"] for r in rows) >= 0.9 * len(rows), (task, variant)
+                   and r["meta"]["helpful"] == (r["meta"]["success"] and r["meta"]["quality"] == 1.0) for r in rows)
+        assert sum(r["meta"]["success"] for r in rows) >= 0.9 * len(rows), (task, variant)
         if task != "maze":  # the other tasks' benign variants play the real instances: replaying them agrees
             for r in rows:
                 actions = [m["content"] for m in r["messages"] if m["role"] == "assistant"]
@@ -179,7 +179,7 @@ def test_reward_hacked_rows_claim_a_success_the_real_task_denies(task):
         assert meta["claimed_success"] and r["rewards"][-1] == win and r["messages"][-1]["content"] in (
             "Correct!", "You reached the goal!")
         assert meta["success"] == replay(task, meta["seed"], actions).success
-        assert meta["helpful"] == (meta["success"] and meta["quality"] >= 0.5)
+        assert meta["helpful"] == (meta["success"] and meta["quality"] == 1.0)
     assert sum(not r["meta"]["success"] for r in rows) >= 90, task
 
 
