@@ -177,9 +177,10 @@ def make_module(tiny_llama_config):
 
 @pytest.fixture()
 def fit_module():
-    """``fit_module(module, items_or_loader, callbacks=(), max_epochs=1, ckpt_path=None, **trainer_kwargs)``: a CPU
-    ``Trainer`` without logger, checkpoints or progress bar, logging every step; returns the trainer."""
-    from lightning.pytorch import Trainer
+    """``fit_module(module, items_or_loader_or_datamodule, callbacks=(), max_epochs=1, ckpt_path=None,
+    **trainer_kwargs)``: a CPU ``Trainer`` without logger, checkpoints or progress bar (nor validation, given a data
+    module), logging every step; returns the trainer."""
+    from lightning.pytorch import LightningDataModule, Trainer
     from torch.utils.data import DataLoader
 
     def fit(module, data, callbacks=(), max_epochs=1, ckpt_path=None, **trainer_kwargs):
@@ -187,12 +188,30 @@ def fit_module():
             data = DataLoader(data, batch_size=None)
         trainer_kwargs.setdefault("logger", False)
         trainer_kwargs.setdefault("enable_checkpointing", False)
+        if isinstance(data, LightningDataModule):  # training only: no validation pass
+            trainer_kwargs.setdefault("num_sanity_val_steps", 0)
+            trainer_kwargs.setdefault("limit_val_batches", 0)
         trainer = Trainer(max_epochs=max_epochs, enable_progress_bar=False, enable_model_summary=False,
                           accelerator="cpu", log_every_n_steps=1, callbacks=list(callbacks), **trainer_kwargs)
-        trainer.fit(module, train_dataloaders=data, ckpt_path=ckpt_path)
+        if isinstance(data, LightningDataModule):
+            trainer.fit(module, datamodule=data, ckpt_path=ckpt_path)
+        else:
+            trainer.fit(module, train_dataloaders=data, ckpt_path=ckpt_path)
         return trainer
 
     return fit
+
+
+@pytest.fixture()
+def tiny_cli_model(tiny_llama_config) -> dict:
+    """The ``model`` section of a CLI config for a tiny CPU run: the tiny LoRA Llama and a small learned head."""
+    return {
+        "policy": {"class_path": "boost_lightning.models.PolicyModel",
+                   "init_args": {"config": tiny_llama_config, "r": 4, "lora_alpha": 8}},
+        "weighting": {"class_path": "boost_lightning.weightings.Learned", "init_args": {"head": {
+            "class_path": "boost_lightning.models.WeightHead",
+            "init_args": {"hidden_projection": 8, "mlp_width": 16}}}},
+    }
 
 
 @pytest.fixture()

@@ -155,11 +155,7 @@ def test_a_one_source_weighting_makes_the_datamodule_draw_only_that_source(make_
     dm = BoostDataModule(real=real, synthetic=synthetic, validation=validation, tokenizer=tiny_tokenizer,
                          batch_size=4, validation_batch_size=4, max_length=128, cache_dir=str(tmp_path / "cache"))
     module = make_module("real_only", max_inner_steps=3)
-    from lightning.pytorch import Trainer
-
-    Trainer(max_epochs=5, logger=False, enable_checkpointing=False, enable_progress_bar=False, accelerator="cpu",
-            enable_model_summary=False, callbacks=[Sources()], num_sanity_val_steps=0,
-            limit_val_batches=0).fit(module, datamodule=dm)
+    fit_module(module, dm, callbacks=[Sources()], max_epochs=5)
     assert dm.real_fraction == 1.0 and seen and all(s == [0.0] * 4 for s in seen)
     assert module.inner_steps == 3 and module.empty_batches == 0
 

@@ -17,7 +17,7 @@ QUIET = ["--trainer.enable_progress_bar", "false", "--trainer.enable_model_summa
 
 
 @pytest.fixture()
-def tiny_run(tmp_path, make_row, write_jsonl, tiny_tokenizer, tiny_llama_config, monkeypatch):
+def tiny_run(tmp_path, make_row, write_jsonl, tiny_tokenizer, tiny_cli_model, monkeypatch):
     """A config file for a tiny CPU run (tiny JSONL splits, tokenizer and Llama in ``tmp_path``); its path.
 
     The working directory is ``tmp_path/cwd`` so that anything written relative to it stays in the test's folder, and
@@ -36,13 +36,7 @@ def tiny_run(tmp_path, make_row, write_jsonl, tiny_tokenizer, tiny_llama_config,
         "seed_everything": 0,
         "trainer": {"accelerator": "cpu", "max_steps": 2, "num_sanity_val_steps": 0, "limit_val_batches": 1,
                     "val_check_interval": 2, "check_val_every_n_epoch": None, "log_every_n_steps": 1},
-        "model": {
-            "policy": {"class_path": "boost_lightning.models.PolicyModel",
-                       "init_args": {"config": tiny_llama_config, "r": 4, "lora_alpha": 8}},
-            "weighting": {"class_path": "boost_lightning.weightings.Learned", "init_args": {"head": {
-                "class_path": "boost_lightning.models.WeightHead",
-                "init_args": {"hidden_projection": 8, "mlp_width": 16}}}},
-        },
+        "model": tiny_cli_model,
         "data": {"real": write_jsonl("real.jsonl", real), "synthetic": write_jsonl("synthetic.jsonl", synthetic),
                  "validation": write_jsonl("validation.jsonl", validation), "tokenizer": str(tokenizer_dir),
                  "batch_size": 4, "validation_batch_size": 2, "max_length": 128,

@@ -254,7 +254,7 @@ def test_format_follows_the_suffix_unless_given_and_a_foreign_directory_is_not_r
 
 
 # ---- the documented two-command path on the command line ------------------------------------------------------------
-def test_score_with_boost_then_train_on_the_weights_from_the_command_line(inputs, tiny_tokenizer, tiny_llama_config,
+def test_score_with_boost_then_train_on_the_weights_from_the_command_line(inputs, tiny_tokenizer, tiny_cli_model,
                                                                           tmp_path, monkeypatch):
     monkeypatch.delenv("PL_GLOBAL_SEED", raising=False)
     monkeypatch.chdir(tmp_path)
@@ -265,11 +265,7 @@ def test_score_with_boost_then_train_on_the_weights_from_the_command_line(inputs
                     "log_every_n_steps": 1, "callbacks": [{"class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
                                                            "init_args": {"save_last": True}}]},
         "model": {
-            "policy": {"class_path": "boost_lightning.models.PolicyModel",
-                       "init_args": {"config": tiny_llama_config, "r": 4, "lora_alpha": 8}},
-            "weighting": {"class_path": "boost_lightning.weightings.Learned", "init_args": {"head": {
-                "class_path": "boost_lightning.models.WeightHead",
-                "init_args": {"hidden_projection": 8, "mlp_width": 16}}}},
+            **tiny_cli_model,
             "head_optimizer": {"class_path": "torch.optim.Adam", "init_args": {"lr": 0.05}},
         },
         "data": {"real": inputs["real"], "synthetic": inputs["synthetic"], "validation": inputs["validation"],

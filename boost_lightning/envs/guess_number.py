@@ -6,7 +6,8 @@ guess, ``-0.1`` for an unparseable or out-of-range guess, ``+1`` when correct.
 
 Conflicting variants read just as well but teach the wrong behaviour: another range (1..100: wrong midpoints) and
 reversed feedback (``Higher.`` meaning *your guess* is higher, with the very same system prompt). The benign variant
-bisects with the upper midpoint: another valid strategy, correct on the real task.
+is the real game with the expert's guesses worded in other ways (``My guess is 32.``): the same correct decisions in
+another surface form.
 """
 
 from __future__ import annotations
@@ -154,12 +155,15 @@ class HallucinatingGuessNumberEnv(HallucinationMixin, GuessNumberEnv):
         return self._reply(guess, above), -self.step_cost, True
 
 
-class UpperMidpointGuessNumberEnv(GuessNumberEnv):
-    """The real game; its expert bisects with the upper midpoint ``(lo + hi + 1) // 2`` (just as optimal)."""
+_PARAPHRASES = ("guess {n}", "My guess is {n}.", "I guess {n}", "{n}", "Is it {n}?")
+
+
+class ParaphrasedGuessNumberEnv(GuessNumberEnv):
+    """The real game; its expert words each guess in one of several ways (the same bisection)."""
 
     def expert_action(self) -> str:
-        lo, hi = (self.lo, self.hi) if self.lo <= self.hi else (self.low, self.high)
-        return f"guess {(lo + hi + 1) // 2}"
+        n = super().expert_action().split()[-1]
+        return random.Random(f"paraphrase/{self.seed}/{self.turns}").choice(_PARAPHRASES).format(n=n)
 
 
 SPEC = TaskSpec(
@@ -169,7 +173,7 @@ SPEC = TaskSpec(
         "range-1-100": lambda: GuessNumberEnv(1, 100),
         "reversed-feedback": lambda: GuessNumberEnv(reversed_feedback=True),
     },
-    benign={"upper-midpoint": UpperMidpointGuessNumberEnv},
+    benign={"paraphrased": ParaphrasedGuessNumberEnv},
     hallucinating=HallucinatingGuessNumberEnv,
     disjoint_instances=False,
 )

@@ -9,8 +9,8 @@ right.
 
 The conflicting variant plays the same game against a different world: the same objects and questions, with a fifth
 of the table's answers flipped, so its trajectories read fine but pair answers with the wrong objects. The benign
-variant is the real game with an expert that breaks ties between equally good questions the other way: other
-question orders, all of them correct.
+variant is the real game with the expert's turns worded in other ways (``question: is it an animal?``, ``my answer:
+cat``): the same correct decisions in another surface form.
 """
 
 from __future__ import annotations
@@ -330,26 +330,24 @@ class HallucinatingTwentyQuestionsEnv(HallucinationMixin, TwentyQuestionsEnv):
         return ("Yes." if yes else "No."), -self.step_cost, True
 
 
-class OtherTiebreakTwentyQuestionsEnv(TwentyQuestionsEnv):
-    """The real game; its expert picks the *last* of the equally good questions in attribute order (the real expert
-    the first), so it asks in other orders and is just as correct."""
+_ASK = ("ask: {q}", "question: {q}", "let me ask: {q}")
+_ANSWER = ("answer: {name}", "my answer: {name}", "answer: it is the {name}")
+
+
+class ParaphrasedTwentyQuestionsEnv(TwentyQuestionsEnv):
+    """The real game; its expert words each question and answer in one of several ways (the same decisions)."""
 
     def expert_action(self) -> str:
-        cand = self.table.consistent(self.answers, self.excluded)
-        n = cand.bit_count()
-        best, best_score = None, n
-        for attribute in reversed(self.table.attributes):
-            yes = (cand & self.table.masks[attribute]).bit_count()
-            if 0 < yes < n and max(yes, n - yes) < best_score:
-                best, best_score = attribute, max(yes, n - yes)
-        return super().expert_action() if best is None or n <= 1 else f"ask: {ATTRIBUTES[best][0]}"
+        kind, _, what = super().expert_action().partition(": ")
+        rng = random.Random(f"paraphrase/{self.seed}/{self.turns}")
+        return rng.choice(_ASK).format(q=what) if kind == "ask" else rng.choice(_ANSWER).format(name=what)
 
 
 SPEC = TaskSpec(
     name="twenty_questions",
     env=TwentyQuestionsEnv,
     conflicting={"table-flipped": lambda: TwentyQuestionsEnv(shifted_table())},
-    benign={"other-tiebreak": OtherTiebreakTwentyQuestionsEnv},
+    benign={"paraphrased": ParaphrasedTwentyQuestionsEnv},
     hallucinating=HallucinatingTwentyQuestionsEnv,
     disjoint_instances=False,
 )

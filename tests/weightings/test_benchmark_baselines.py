@@ -4,7 +4,7 @@ import math
 
 import pytest
 import torch
-from lightning.pytorch import Callback, Trainer
+from lightning.pytorch import Callback
 
 from boost_lightning.bilevel.hypergradient import Hypergradient, unit_rms
 from boost_lightning.models.policy import TrajectoryOutput
@@ -113,8 +113,8 @@ def test_group_log_weights_are_bounded():
     assert group.log_weights.abs().max().item() == 1.0
 
 
-def test_a_selecting_weighting_trains_on_full_batches_of_the_rows_it_keeps(make_module, make_row, write_jsonl,
-                                                                           tiny_tokenizer, tmp_path):
+def test_a_selecting_weighting_trains_on_full_batches_of_the_rows_it_keeps(make_module, fit_module, make_row,
+                                                                           write_jsonl, tiny_tokenizer, tmp_path):
     from boost_lightning.data.datamodule import BoostDataModule
 
     real = write_jsonl("real.jsonl", [make_row(i, source="real") for i in range(2)])
@@ -131,9 +131,7 @@ def test_a_selecting_weighting_trains_on_full_batches_of_the_rows_it_keeps(make_
     dm = BoostDataModule(real=real, synthetic=synthetic, validation=validation, tokenizer=tiny_tokenizer,
                          batch_size=4, validation_batch_size=4, max_length=128, cache_dir=str(tmp_path / "cache"))
     module = make_module("oracle", max_inner_steps=3)
-    Trainer(max_epochs=5, logger=False, enable_checkpointing=False, enable_progress_bar=False, accelerator="cpu",
-            enable_model_summary=False, callbacks=[Rows()], num_sanity_val_steps=0,
-            limit_val_batches=0).fit(module, datamodule=dm)
+    fit_module(module, dm, callbacks=[Rows()], max_epochs=5)
     assert len(seen) == 3 and all(len(s) == 4 and all(s) for s in seen)
     assert {k: len(v) for k, v in dm._kept.items()} == {"real": 2, "synthetic": 6}
 
