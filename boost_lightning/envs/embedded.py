@@ -25,7 +25,7 @@ from boost_lightning import cache
 from boost_lightning.envs.base import task_spec
 from boost_lightning.envs.generators import DEFAULT_SETTINGS
 
-FORMAT_VERSION = 3
+FORMAT_VERSION = 4
 SPLITS = ("real", "synthetic", "validation", "test")
 FILES = (*(f"{split}.jsonl" for split in SPLITS), "summary.json", "tokenizer")
 TOKENIZER_VOCAB_SIZE = 1024

@@ -2,7 +2,7 @@
 
 Cells are named like a chess board: columns ``a..e`` from west to east, rows ``1..5`` from south to north (``a1`` is
 the south-west corner); internally a cell is ``(row, col)`` with row 0 the northern row. Every observation gives the
-position and the blocked directions (border or wall cell); the goal is given once, in the first observation. An
+position, the goal and the blocked directions (border or wall cell). An
 instance is a (start, goal) pair of open cells at least two moves apart; the real layout's pairs are split into
 disjoint train / validation / eval pools. Rewards: ``-0.05`` per move, ``-0.1`` for a bump or an unparseable move,
 ``+1`` on reaching the goal.
@@ -156,11 +156,14 @@ class MazeEnv(Env):
         self.pos = self.start
 
     def _where(self, walls: list[str] | None = None) -> str:
+        # The goal is restated every turn, as agent environments restate the task: the policy's move depends on what
+        # it sees now, not on recalling the first message across the episode.
         walls = self.layout.blocked(self.pos) if walls is None else walls
-        return f"At {fmt(self.pos, self.layout.size[0])}. Walls: {', '.join(walls) if walls else 'none'}."
+        rows = self.layout.size[0]
+        return f"At {fmt(self.pos, rows)}. Goal {fmt(self.goal, rows)}. Walls: {', '.join(walls) if walls else 'none'}."
 
     def _first_observation(self) -> str:
-        return f"Goal {fmt(self.goal, self.layout.size[0])}. {self._where()}"
+        return self._where()
 
     def _parse(self, text: str) -> tuple[str | None, str]:
         direction, error = parse_move(text)
