@@ -100,7 +100,7 @@ class Preset:
 # Few real rows, so that the synthetic pool is needed (with 64 real rows ``real_only`` alone learns guess_number);
 # guess_number's secrets are learned from fewer rows than the other tasks' layouts and objects.
 _BUDGETS = {"maze": TaskBudget(steps=300, num_real=16), "guess_number": TaskBudget(steps=300, num_real=8),
-            "twenty_questions": TaskBudget(steps=300, num_real=16)}
+            "twenty_questions": TaskBudget(steps=600, num_real=16, num_synthetic=4000)}
 PRESETS: dict[str, Preset] = {
     "quick": Preset(name="quick", budgets={t: TaskBudget(steps=60, num_real=16, num_synthetic=400) for t in TASKS},
                     seeds=1,
