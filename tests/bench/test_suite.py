@@ -119,7 +119,9 @@ def test_micro_suite_end_to_end_resume_and_readme(tmp_path, capsys):
     assert oracle["weight/conflict-swapped-moves"] == pytest.approx(0.0, abs=1e-6) and oracle["weight/real"] > 1
     assert not [k for k in records["maze-l2rw-s0"]["row"] if k.startswith("weight/")]
     learned = records["maze-learned-s0"]
-    assert len(learned["weights"]["synthetic"]["weight"]) == 400 and len(learned["weights"]["real_weights"]) == 64
+    budget = PRESETS["quick"].budgets["maze"]
+    assert len(learned["weights"]["synthetic"]["weight"]) == budget.num_synthetic
+    assert len(learned["weights"]["real_weights"]) == budget.num_real
 
     md = (suite / "results.md").read_text()
     assert "python -m boost_lightning.bench --quick --tasks maze" in md
