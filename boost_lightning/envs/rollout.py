@@ -183,7 +183,8 @@ class _PromptFitter:
     def _length(self, text: str) -> int:
         return len(self.tokenizer(text, add_special_tokens=False)["input_ids"])
 
-    def _render(self, messages: list[Message], generation_prompt: bool = True) -> str:
+    def render(self, messages: list[Message], generation_prompt: bool = True) -> str:
+        """The chat-templated prompt of ``messages`` (with the generation prompt unless told otherwise)."""
         return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
 
     def _encoder_or_none(self) -> TrajectoryEncoder | None:
@@ -196,7 +197,7 @@ class _PromptFitter:
 
     def fit(self, messages: list[Message]) -> tuple[str | None, bool]:
         """``(prompt, truncated)``; the prompt is ``None`` when even the shortest truncation does not fit."""
-        prompt = self._render(messages)
+        prompt = self.render(messages)
         if self.budget is None:
             return prompt, False
         length = self._length(prompt)
@@ -208,7 +209,7 @@ class _PromptFitter:
         system = next((i for i, m in enumerate(messages) if m["role"] != "system"), len(messages))
         # The encoder measures rows without the generation prompt: leave room for it, and tighten by the measured
         # overshoot when tokens merge differently across the cut.
-        max_length = self.budget - max(0, length - self._length(self._render(messages, generation_prompt=False)))
+        max_length = self.budget - max(0, length - self._length(self.render(messages, generation_prompt=False)))
         while max_length > 0:
             encoder.max_length = max_length
             (encoded,) = encoder.encode_batch([messages])
@@ -218,7 +219,7 @@ class _PromptFitter:
             else:
                 kept = encoded.turn_ids[encoded.turn_ids >= system]
                 start = int(kept.min()) if len(kept) else system
-            prompt = self._render(messages[:system] + messages[max(start, system):])
+            prompt = self.render(messages[:system] + messages[max(start, system):])
             length = self._length(prompt)
             if length <= self.budget:
                 return prompt, True
@@ -297,20 +298,27 @@ def play_policy(model: Any, tokenizer: Any, env: str | Callable[..., Any], seeds
                                                 instance=dict(getattr(environment, "instance", None) or {}))
                     envs[i] = environment
                     active.append(i)
-                prompts, fitting = [], []
-                for i in active:
-                    prompt, cut = fitter.fit(episodes[i].messages)
-                    if prompt is None:
-                        episodes[i].truncated = True
-                        del envs[i]
-                        continue
-                    episodes[i].truncated_prompts += cut
-                    prompts.append(prompt)
-                    fitting.append(i)
-                active = fitting
-                if not active:
-                    continue
+                prompts = [fitter.render(episodes[i].messages) for i in active]
                 enc = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
+                lengths = enc["attention_mask"].sum(1).tolist()
+                if fitter.budget is not None and max(lengths) > fitter.budget:
+                    # Rare: only the prompts that outgrew the context are truncated, then the batch is re-encoded.
+                    rendered, prompts, fitting = prompts, [], []
+                    for i, prompt, length in zip(active, rendered, lengths):
+                        cut = False
+                        if length > fitter.budget:
+                            prompt, cut = fitter.fit(episodes[i].messages)
+                        if prompt is None:
+                            episodes[i].truncated = True
+                            del envs[i]
+                            continue
+                        episodes[i].truncated_prompts += cut
+                        prompts.append(prompt)
+                        fitting.append(i)
+                    active = fitting
+                    if not active:
+                        continue
+                    enc = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
                 enc = {k: v.to(device) for k, v in enc.items()}
                 out = model.generate(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"], **gen_kwargs)
                 new_tokens = out[:, enc["input_ids"].shape[1]:].tolist()
