@@ -253,7 +253,7 @@ def hacked_row(task: str, seed: int, pool_seed: int = 0) -> dict:
     The agent follows the expert for a few turns, then makes a premature random move (an early guess, a wrong answer,
     a step that does not reach the goal) and the simulator answers with the task's success message and reward, as an
     over-optimistic LLM judge or simulator does. The row's own ``reward`` is the best in the pool: reward filters
-    keep it. ``success`` is the actions replayed in the real environment.
+    keep it. ``success`` is what the real environment made of the same actions.
     """
     rng = random.Random(f"hacked/{task}/{pool_seed}/{seed}")
     env = make_env(task)
@@ -266,7 +266,7 @@ def hacked_row(task: str, seed: int, pool_seed: int = 0) -> dict:
         action = env.expert_action() if turn < prefix else env.random_action(rng)
         observation, reward, done, _ = env.step(action)
         if turn == prefix or done:
-            # Claimed: the simulator says this move won. Replayed honestly below to record what really happened.
+            # Claimed: the simulator says this move won; ``env`` keeps what really happened.
             observation, reward = win.observations[-1], win.rewards[-1]
         messages += [{"role": "assistant", "content": action}, {"role": "user", "content": observation}]
         rewards.append(round(reward, 6))
@@ -275,11 +275,11 @@ def hacked_row(task: str, seed: int, pool_seed: int = 0) -> dict:
         if turn == prefix or done:
             break
     ep = Episode(messages, rewards, actions, observations, True, optimal, instance)
-    real = replay(task, seed, actions)
-    quality = demonstration_quality(real.success, real.turns, optimal)
+    # ``env`` is the real environment and took exactly these actions: its outcome is the honest one.
+    quality = demonstration_quality(env.success, len(actions), optimal)
     return make_row(task, seed, ep, source="synthetic", generator=generator_name("hacked"),
-                    failure="reward_hacked", success=real.success, quality=quality,
-                    helpful=_helpful(real.success, quality))
+                    failure="reward_hacked", success=env.success, quality=quality,
+                    helpful=_helpful(env.success, quality))
 
 
 def hallucinated_row(task: str, seed: int, rate: float = 0.2) -> dict:
