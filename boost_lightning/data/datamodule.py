@@ -17,7 +17,7 @@ from __future__ import annotations
 import json
 import logging
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from datasets import Dataset, concatenate_datasets
@@ -138,8 +138,8 @@ class BoostDataModule(LightningDataModule):
         if test is not None:
             self.specs["test"] = test
         self.splits: dict[str, LoadedSplit] = {}
-        # Row indices kept per training split (``keep_rows``); None: every row.
-        self._kept: dict[str, list[int]] | None = None
+        # The training splits cut to the rows a weighting keeps (``keep_rows``); None: every row.
+        self._kept: dict[str, Dataset] | None = None
         self._resume: dict[str, int] | None = None  # position loaded from a checkpoint, for the next train loader
         self.report_only = report_only
 
@@ -160,14 +160,22 @@ class BoostDataModule(LightningDataModule):
         """Rows truncated (and kept) per loaded split."""
         return {name: split.num_truncated for name, split in self.splits.items()}
 
+    @property
+    def _train_splits(self) -> list[str]:
+        return [name for name in ("real", "synthetic") if self.specs[name] is not None]
+
+    @property
+    def _test_split(self) -> str:
+        return "test" if "test" in self.specs else "validation"
+
     def _stage_splits(self, stage: str | None) -> list[str]:
-        train = [name for name in ("real", "synthetic") if self.specs[name] is not None]
+        train = self._train_splits
         if stage == "fit":
             return [*train, "validation"]
         if stage == "validate":
             return ["validation"]
         if stage == "test":
-            return ["test" if "test" in self.specs else "validation"]
+            return [self._test_split]
         if stage == "predict":
             return self.predict_splits
         return [*train, "validation", *(name for name in ("predict", "test") if name in self.specs)]
@@ -177,7 +185,7 @@ class BoostDataModule(LightningDataModule):
         """The splits ``predict_dataloader`` reads, in order (their specs are in ``specs``)."""
         if "predict" in self.specs:
             return ["predict"]
-        train = [name for name in ("real", "synthetic") if self.specs[name] is not None]
+        train = self._train_splits
         return train if self._predict_train else train[-1:]
 
     def _load(self, names: list[str]) -> dict[str, LoadedSplit]:
@@ -262,8 +270,7 @@ class BoostDataModule(LightningDataModule):
         )
 
     def _training(self, name: str) -> Dataset:
-        dataset = self._dataset(name)
-        return dataset if self._kept is None else dataset.select(self._kept[name])
+        return self._dataset(name) if self._kept is None else self._kept[name]
 
     def keep_rows(self, select: Callable[[dict[str, list]], list[bool] | None]) -> None:
         """Batch only the training rows ``select`` keeps (``BoostModule`` passes its weighting's ``select``).
@@ -276,13 +283,14 @@ class BoostDataModule(LightningDataModule):
         Raises:
             ValueError: ``select`` keeps no row, or returns the wrong number of flags.
         """
-        names = [name for name in ("real", "synthetic") if self.specs[name] is not None]
+        names = self._train_splits
         parts = [self._dataset(name) for name in names]
-        rows = {"is_synthetic": [], "reward": [], "meta": []}
+        rows: dict[str, Any] = {"is_synthetic": [], "reward": [], "meta": []}
         for part in parts:
             rows["is_synthetic"] += part["is_synthetic"]
             rows["reward"] += part["reward"]
-            rows["meta"] += [json.loads(m) if m else {} for m in part["meta"]]
+            rows["meta"] += part["meta"]
+        rows["meta"] = _JsonColumn(rows["meta"])  # decoded on access: a weighting that decides per batch pays nothing
         flags = select(rows)
         if flags is None:
             self._kept = None
@@ -293,7 +301,7 @@ class BoostDataModule(LightningDataModule):
             raise ValueError("the weighting keeps no training row")
         kept, start = {}, 0
         for name, part in zip(names, parts):
-            kept[name] = [i for i in range(len(part)) if flags[start + i]]
+            kept[name] = part.select([i for i in range(len(part)) if flags[start + i]])
             start += len(part)
         self._kept = kept
         logger.info("inner batches draw %s of the training rows the weighting keeps",
@@ -318,7 +326,7 @@ class BoostDataModule(LightningDataModule):
 
     def train_dataloader(self) -> CombinedLoader:
         """``{"inner": real+synthetic batch, "outer": shuffled validation batch}``, same number of batches."""
-        inner = concatenate_datasets([self._training(n) for n in ("real", "synthetic") if self.specs[n] is not None])
+        inner = concatenate_datasets([self._training(n) for n in self._train_splits])
         inner_sampler = self.inner_sampler()
         rank, world_size = self._distributed()
         outer_sampler = MixedSampler(
@@ -380,12 +388,28 @@ class BoostDataModule(LightningDataModule):
 
     def test_dataloader(self) -> DataLoader:
         """The ``test`` split (held-out real rows, default: validation) in file order (sharded under DDP)."""
-        return self._sequential("test" if "test" in self.specs else "validation")
+        return self._sequential(self._test_split)
 
     def predict_dataloader(self) -> DataLoader:
         """The ``predict`` splits (default: synthetic; ``train``: real, then synthetic) in file order (sharded across
         ranks under DDP)."""
         return self._sequential(*self.predict_splits)
+
+
+class _JsonColumn(Sequence):
+    """A column of JSON strings, each decoded when read (empty: ``{}``)."""
+
+    def __init__(self, raw: list[str | None]) -> None:
+        self._raw = raw
+
+    def __len__(self) -> int:
+        return len(self._raw)
+
+    def __getitem__(self, index: int | slice) -> Any:
+        if isinstance(index, slice):
+            return [json.loads(m) if m else {} for m in self._raw[index]]
+        m = self._raw[index]
+        return json.loads(m) if m else {}
 
 
 def _plain(value: Any) -> bool:
