@@ -100,6 +100,27 @@ def write_dir_atomically(
     return target
 
 
+def write_file_atomically(target: str | os.PathLike, write: Callable[[Path], None]) -> Path:
+    """Write the file ``target`` with ``write``, all at once or not at all.
+
+    ``write(tmp)`` writes a hidden sibling of ``target`` (same file system, so the final rename is atomic), which then
+    replaces ``target``: a reader sees the old file or the complete new one, and an interrupted writer leaves
+    ``target`` as it was.
+
+    Returns:
+        ``target`` as a ``Path``.
+    """
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
+    try:
+        write(tmp)
+        os.replace(tmp, target)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return target
+
+
 def _make_readable(root: Path) -> None:
     # mkdtemp makes the directory private (0700) and some writers create private files; cache entries are ordinary
     # shared data, readable by whoever may read the cache folder.

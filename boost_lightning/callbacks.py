@@ -359,17 +359,16 @@ class TrajectoryWeightWriter(BasePredictionWriter):
             table = cls._arrow_table(rows)
             cache.write_dir_atomically(path, lambda tmp: Dataset(table).save_to_disk(str(tmp)), lambda _: False)
             return
-        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-        try:
-            if fmt == "parquet":
-                pq.write_table(cls._arrow_table(rows), tmp)
-            else:
-                with tmp.open("w") as f:
-                    for row in rows:
-                        f.write(json.dumps(row, default=str) + "\n")
-            os.replace(tmp, path)
-        finally:
-            tmp.unlink(missing_ok=True)
+        if fmt == "parquet":
+            cache.write_file_atomically(path, lambda tmp: pq.write_table(cls._arrow_table(rows), tmp))
+            return
+
+        def write_jsonl(tmp: Path) -> None:
+            with tmp.open("w") as f:
+                for row in rows:
+                    f.write(json.dumps(row, default=str) + "\n")
+
+        cache.write_file_atomically(path, write_jsonl)
 
     @classmethod
     def _arrow_table(cls, rows: list[dict[str, Any]]) -> pa.Table:

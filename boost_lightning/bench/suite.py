@@ -28,6 +28,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from boost_lightning.cache import write_file_atomically
 from boost_lightning.envs.base import TASKS
 from boost_lightning.weightings import WEIGHTINGS
 
@@ -233,11 +234,9 @@ def run_suite(specs: Sequence[RunSpec], preset: Preset, ctx: RunContext, force: 
         for spec in todo:
             bar.set_postfix_str(spec.run_id)
             result = run_one(spec, preset, ctx)
-            path = result_path(ctx, spec)
-            path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_suffix(".tmp")
-            tmp.write_text(json.dumps(result))
-            tmp.replace(path)  # a result file exists only once complete: an interrupted run is redone
+            # A result file exists only once complete: an interrupted run is redone.
+            text = json.dumps(result)
+            write_file_atomically(result_path(ctx, spec), lambda tmp, text=text: tmp.write_text(text))
             counts["ran"] += 1
             bar.update(1)
             row = result["row"]
@@ -269,10 +268,7 @@ def _only(path: Path, generator: str, out: Path) -> Path:
         rows = [r for r in read_jsonl(path) if r["meta"]["generator"] == generator]
         if not rows:
             raise ValueError(f"no rows of generator {generator!r} in {path}")
-        target.parent.mkdir(parents=True, exist_ok=True)
-        tmp = target.with_suffix(".tmp")
-        write_jsonl(tmp, rows)
-        tmp.replace(target)
+        write_file_atomically(target, lambda tmp: write_jsonl(tmp, rows))
     return target
 
 
