@@ -252,8 +252,6 @@ class _Tokenize:
         self.num_truncated = 0
         self.num_dropped = 0
         self.dropped_examples: list[str] = []
-        self.num_agent_tokens = 0
-        self.num_agent_tokens_lost = 0
         self.row_stats: dict[str, list] = {name: [] for name in ROW_STATS}
         self._untruncated: TrajectoryEncoder | None = None
 
@@ -271,8 +269,6 @@ class _Tokenize:
         for i, row in enumerate(encoded):
             agent = int(full[i].agent_mask.sum())
             lost = agent - (int(row.agent_mask.sum()) if row is not None else 0)
-            self.num_agent_tokens += agent
-            self.num_agent_tokens_lost += lost
             generator = json.loads(batch["meta"][i]).get("generator")
             stats["length"].append(len(full[i]))
             stats["turns"].append(sum(m["role"] == "assistant" for m in batch["messages"][i]))
@@ -342,8 +338,8 @@ def _tokenize_into(
         "num_dropped": tokenize.num_dropped,
         "dropped_examples": tokenize.dropped_examples,
         "max_length": encoder.max_length,
-        "num_agent_tokens": tokenize.num_agent_tokens,
-        "num_agent_tokens_lost": tokenize.num_agent_tokens_lost,
+        "num_agent_tokens": sum(tokenize.row_stats["agent_tokens"]),
+        "num_agent_tokens_lost": sum(tokenize.row_stats["agent_tokens_lost"]),
         "row_stats": tokenize.row_stats,
     }
     (directory / SUMMARY_FILE).write_text(json.dumps(summary))
