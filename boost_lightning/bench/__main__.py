@@ -158,7 +158,7 @@ def main(argv: list[str] | None = None) -> int:
     from boost_lightning.bench.plots import write_plots
     from boost_lightning.bench.report import (
         console_table,
-        load_frame,
+        frame_from_records,
         load_records,
         write_readme_section,
         write_reports,
@@ -172,7 +172,7 @@ def main(argv: list[str] | None = None) -> int:
     recorded = out_dir / "command.txt"
     markdown = write_reports(out_dir, recorded.read_text().strip() if recorded.exists() else command)
     plots = write_plots(out_dir, records)
-    print(console_table(load_frame(out_dir)))
+    print(console_table(frame_from_records(records)))
     print(f"wrote {out_dir / 'results.csv'}, {out_dir / 'results.md'} and {len(plots)} plots "
           f"({', '.join(p.name for p in plots)}); TensorBoard: tensorboard --logdir {out_dir / 'tb'}")
     if args.readme:

@@ -311,7 +311,7 @@ def run_one(spec: RunSpec, preset: Preset, ctx: RunContext) -> dict[str, Any]:
     from boost_lightning.envs.embedded import embedded_splits
     from boost_lightning.evaluation import RolloutEvaluation
 
-    _quiet()
+    _quiet()  # after the imports: importing Lightning resets its loggers' levels
     budget = preset.budgets[spec.task]
     files = dict(embedded_splits(spec.task, cache_dir=ctx.cache_dir / "embedded", **data_settings(budget)))
     if spec.pool != MAIN_POOL:
@@ -320,7 +320,6 @@ def run_one(spec: RunSpec, preset: Preset, ctx: RunContext) -> dict[str, Any]:
     args = ["fit", *cli_arguments(spec, preset, ctx, files), f"--diagnostics.every_n_steps={every}",
             "--trainer.callbacks+=boost_lightning.bench.recorder.HistoryRecorder",
             f"--trainer.callbacks.every_n_steps={every}"]
-    _quiet()  # importing Lightning resets its loggers' levels
     start = time.perf_counter()
     argv, sys.argv = sys.argv, sys.argv[:1]  # the run's arguments are ``args``, not the bench's own command line
     try:
@@ -407,7 +406,3 @@ def _score_pool(evaluator, module, dm, path: Path) -> dict[str, Any] | None:
         },
     }
 
-
-def load_results(out_dir: Path) -> list[dict[str, Any]]:
-    """Every finished run's record under ``<out_dir>/runs``, sorted by run id."""
-    return [json.loads(p.read_text()) for p in sorted((Path(out_dir) / "runs").glob("*.json"))]
