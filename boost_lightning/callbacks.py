@@ -14,20 +14,13 @@ import torch
 from datasets import Dataset
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.callbacks import BasePredictionWriter
-from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_warn
 
 from boost_lightning import cache
 from boost_lightning.data.sources import content_hash, read_rows
 from boost_lightning.data.trajectory import IGNORE_INDEX, IMPLIED_SOURCE
 from boost_lightning.evaluation import RolloutEvaluation  # noqa: F401  (re-exported: older configs name it here)
-
-
-def _tensorboard(trainer: Trainer):
-    for logger in trainer.loggers:
-        if isinstance(logger, TensorBoardLogger):
-            return logger.experiment
-    return None
+from boost_lightning.loggers import tensorboard_experiment
 
 
 class WeightDiagnostics(Callback):
@@ -96,7 +89,7 @@ class WeightDiagnostics(Callback):
                     self._groups[str(value)].append(w)
         if self._first_step is None:
             self._first_step = int(pl_module.inner_steps)
-        if trainer.is_global_zero and _tensorboard(trainer) is not None:
+        if trainer.is_global_zero and tensorboard_experiment(trainer) is not None:
             self._observe(weights, synthetic, batch["inner"], metas)
         if (batch_idx + 1) % self.every_n_steps == 0:
             self._flush(trainer, pl_module.inner_steps)
@@ -144,7 +137,7 @@ class WeightDiagnostics(Callback):
 
     def _flush(self, trainer: Trainer, step: int) -> None:
         record: dict[str, float] = {"step": float(step)}
-        experiment = _tensorboard(trainer) if trainer.is_global_zero else None
+        experiment = tensorboard_experiment(trainer) if trainer.is_global_zero else None
         for source, values in self._weights.items():
             if values and experiment is not None:
                 experiment.add_histogram(f"weights/hist_{source}", torch.tensor(values), step)

@@ -21,16 +21,9 @@ from collections.abc import Callable
 from typing import Any
 
 from lightning.pytorch import Callback, LightningModule, Trainer
-from lightning.pytorch.loggers import TensorBoardLogger
 
 from boost_lightning.envs.rollout import RolloutResult, env_factory, evaluate_policy
-
-
-def _tensorboard(trainer: Trainer) -> Any:
-    for logger in trainer.loggers:
-        if isinstance(logger, TensorBoardLogger):
-            return logger.experiment
-    return None
+from boost_lightning.loggers import tensorboard_experiment
 
 
 class RolloutEvaluation(Callback):
@@ -103,7 +96,7 @@ class RolloutEvaluation(Callback):
                             "rollout/turns": result.mean_turns,
                             "rollout/invalid_action_rate": result.invalid_action_rate,
                             "rollout/truncated_prompts": float(result.truncated_prompts)}, rank_zero_only=True)
-        experiment = _tensorboard(trainer)
+        experiment = tensorboard_experiment(trainer)
         if experiment is not None:
             for i, transcript in enumerate(result.transcripts[: self.num_transcripts]):
                 text = "\n\n".join(f"**{m['role']}**: {m['content']}" for m in transcript)

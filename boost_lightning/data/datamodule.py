@@ -22,7 +22,6 @@ from typing import Any
 
 from datasets import Dataset, concatenate_datasets
 from lightning.pytorch import LightningDataModule
-from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities.combined_loader import CombinedLoader
 from torch.utils.data import DataLoader
 from transformers import PreTrainedTokenizerBase
@@ -32,6 +31,7 @@ from boost_lightning.data.report import DataReport
 from boost_lightning.data.sampling import MixedSampler, ShardSampler
 from boost_lightning.data.sources import DataSpec, LoadedSplit, load_splits, split_row_stats
 from boost_lightning.data.tokenizer import load_tokenizer
+from boost_lightning.loggers import tensorboard_experiment
 
 logger = logging.getLogger(__name__)
 
@@ -228,10 +228,9 @@ class BoostDataModule(LightningDataModule):
         trainer = self.trainer
         if trainer is None or not trainer.is_global_zero:
             return
-        for tb in trainer.loggers:
-            if isinstance(tb, TensorBoardLogger):
-                tb.experiment.add_text("data/report", self.report().to_markdown(), 0)
-                return
+        experiment = tensorboard_experiment(trainer)
+        if experiment is not None:
+            experiment.add_text("data/report", self.report().to_markdown(), 0)
 
     def _dataset(self, name: str) -> Dataset:
         if name not in self.splits:
