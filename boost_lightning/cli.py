@@ -69,6 +69,18 @@ class BoostCLI(LightningCLI):
             if name is not None and ("name" in init_args or _takes_name(logger.get("class_path"))):
                 init_args["name"] = name
 
+    def instantiate_classes(self) -> None:
+        """As LightningCLI's, except that ``fit --data.report_only true`` builds the data module alone: the report
+        needs no model, trainer or logger, so it costs no model download or initialisation and writes nothing."""
+        config = self.config.get(str(self.subcommand), self.config) if self.subcommand else self.config
+        data = config.get("data")
+        if self.subcommand != "fit" or data is None or not data.get("report_only"):
+            super().instantiate_classes()
+            return
+        self.config_init = self.config
+        self.datamodule = BoostDataModule(**data.as_dict())
+        self.model = self.trainer = None
+
     def add_arguments_to_parser(self, parser) -> None:
         # An argument of its own: `--trainer.logger.init_args.name` reaches only the last logger of a list.
         parser.add_argument(
@@ -88,12 +100,14 @@ class BoostCLI(LightningCLI):
         ckpt_path = resolve_ckpt_path(self.trainer, ckpt_path)
         return getattr(self.trainer, method)(ckpt_path=ckpt_path, weights_only=weights_only, **kwargs)
 
-    def fit(self, **kwargs: Any) -> None:
-        """``trainer.fit`` with ``ckpt_path="last"`` resolved across logger versions and ``weights_only=True``;
-        with ``--data.report_only true``, print the data report instead and return without training."""
-        if getattr(self.datamodule, "report_only", False):
+    def _run_subcommand(self, subcommand: str) -> None:
+        if self.trainer is None:  # ``fit --data.report_only true``: only the data module was built
             print(self.datamodule.report(), flush=True)
             return
+        super()._run_subcommand(subcommand)
+
+    def fit(self, **kwargs: Any) -> None:
+        """``trainer.fit`` with ``ckpt_path="last"`` resolved across logger versions and ``weights_only=True``."""
         self._trainer_call("fit", **kwargs)
 
     def validate(self, **kwargs: Any) -> Any:

@@ -157,6 +157,55 @@ def test_fit_with_fixed_weights_trains_each_row_at_its_file_weight(make_datamodu
         assert weight == pytest.approx(expected[key], rel=1e-6)
 
 
+def fit_recording_weights(module, datamodule) -> list[tuple[tuple[bool, int], float]]:
+    """Fit ``module`` for one epoch and return ((is synthetic, row_id), weight) of every trained row."""
+    seen: list[tuple[tuple[bool, int], float]] = []
+
+    class Record(Callback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            inner = batch["inner"]
+            keys = zip((inner["is_synthetic"] > 0.5).tolist(), inner["row_id"].tolist())
+            seen.extend(zip(keys, outputs["weights"].tolist()))
+
+    trainer = Trainer(accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                      enable_model_summary=False, max_epochs=1, callbacks=[Record()], num_sanity_val_steps=0,
+                      limit_val_batches=0)
+    trainer.fit(module, datamodule=datamodule)
+    return seen
+
+
+def test_a_file_missing_training_rows_stops_before_the_first_step(make_datamodule, scoring_module, make_module,
+                                                                  tmp_path):
+    path = tmp_path / "weights.jsonl"
+    predict(scoring_module, make_datamodule(predict="train"), path)
+    lines = path.read_text().splitlines()
+    dropped = json.loads(lines[-1])
+    path.write_text("\n".join(lines[:-1]) + "\n")
+    module = make_module(FixedWeights(str(path)))
+    before = {n: p.detach().clone() for n, p in module.policy.trainable_named_parameters().items()}
+    with pytest.raises(MissingWeightError, match=rf"no weight for 1 of the 10 training rows \(synthetic hash "
+                                                 rf"{dropped['content_hash']}\)"):
+        fit_recording_weights(module, make_datamodule())
+    assert module.inner_steps == 0
+    for name, p in module.policy.trainable_named_parameters().items():
+        assert torch.equal(p, before[name]), name
+
+
+def test_top_fraction_trains_on_full_batches_of_the_rows_it_keeps(make_datamodule, scoring_module, make_module,
+                                                                   tmp_path):
+    path = tmp_path / "weights.parquet"
+    predict(scoring_module, make_datamodule(predict="train"), path)
+    rows = read_back(path)
+    weighting = FixedWeights(str(path), top_fraction=0.5)
+    kept = {k: w for k, w in weighting.table.items() if w > 0}
+    assert 0 < len(kept) < len(rows)
+    keys = {(r["source"] == "synthetic", r["content_hash"]): (r["source"] == "synthetic", r["row_id"]) for r in rows}
+    expected = {keys[k]: w for k, w in kept.items()}
+    seen = fit_recording_weights(make_module(weighting), make_datamodule())
+    assert {k for k, _ in seen} == set(expected)  # no dropped row takes a batch slot
+    assert all(w == pytest.approx(expected[k], rel=1e-6) for k, w in seen)
+
+
 def write_weights(path: Path, rows: list[tuple[str, int, str, float]]) -> str:
     path.write_text("".join(json.dumps({"source": s, "row_id": i, "content_hash": h, "weight": w}) + "\n"
                             for s, i, h, w in rows))

@@ -93,13 +93,27 @@ def _preset(args: argparse.Namespace):
     return replace(preset, episodes=args.episodes) if args.episodes is not None else preset
 
 
+def shard_arguments(argv: list[str]) -> list[str]:
+    """``argv`` without the options that belong to the parent process (``--workers``, ``--readme``), whether given
+    as ``--opt value`` or ``--opt=value``."""
+    out, skip = [], False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg in ("--workers", "--readme"):
+            skip = True
+        elif not arg.startswith(("--workers=", "--readme=")):
+            out.append(arg)
+    return out
+
+
 def _run_workers(argv: list[str], specs, preset, ctx, workers: int, progress: bool) -> None:
     """``workers`` child processes, each with ``--shard k/workers``; one progress bar over the result files."""
     from tqdm.auto import tqdm
 
     threads = max(1, (os.cpu_count() or workers) // workers)
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
-    base = [a for a in argv if not a.startswith(("--workers", "--readme"))]
+    base = shard_arguments(argv)
     children = [subprocess.Popen([sys.executable, "-m", "boost_lightning.bench", *base, f"--shard={k}/{workers}",
                                   "--no-progress", "--report-only-skip"], env=env, stdout=subprocess.DEVNULL)
                 for k in range(workers)]

@@ -274,21 +274,21 @@ class BoostDataModule(LightningDataModule):
     def keep_rows(self, select: Callable[[dict[str, list]], list[bool] | None]) -> None:
         """Batch only the training rows ``select`` keeps (``BoostModule`` passes its weighting's ``select``).
 
-        A weighting that drops rows by their content (a return cut, a ground-truth label) then trains on full
-        batches of the rows it keeps, as filtering the data first would. ``select`` gets the columns
-        ``is_synthetic``, ``reward`` and ``meta`` (dicts) of every real row then every synthetic row; returning
-        ``None`` keeps everything.
+        A weighting that drops rows by their content (a return cut, a ground-truth label, a file of weights) then
+        trains on full batches of the rows it keeps, as filtering the data first would. ``select`` gets the columns
+        ``is_synthetic``, ``reward``, ``meta`` (dicts), ``row_id`` and ``content_hash`` of every real row then every
+        synthetic row; returning ``None`` keeps everything.
 
         Raises:
             ValueError: ``select`` keeps no row, or returns the wrong number of flags.
         """
         names = self._train_splits
         parts = [self._dataset(name) for name in names]
-        rows: dict[str, Any] = {"is_synthetic": [], "reward": [], "meta": []}
+        columns = ("is_synthetic", "reward", "meta", "row_id", "content_hash")
+        rows: dict[str, Any] = {name: [] for name in columns}
         for part in parts:
-            rows["is_synthetic"] += part["is_synthetic"]
-            rows["reward"] += part["reward"]
-            rows["meta"] += part["meta"]
+            for name in columns:
+                rows[name] += part[name]
         rows["meta"] = _JsonColumn(rows["meta"])  # decoded on access: a weighting that decides per batch pays nothing
         flags = select(rows)
         if flags is None:

@@ -45,10 +45,13 @@ class Weighting(nn.Module):
             that knows it draws only those rows (so a batch is always full of rows that count).
         needs_hypergradient: The weights are a function of this batch's hypergradient at uniform weights (``l2rw``):
             the step computes it before asking for the weights.
+        granularities: The units it can weigh: ``trajectory`` and, where its inputs keep their meaning when each
+            assistant turn is a unit (the row's columns repeated per turn, a turn's own ``length``), ``turn``.
     """
 
     keeps: str = "all"
     needs_hypergradient: bool = False
+    granularities: tuple[str, ...] = ("trajectory", "turn")
     #: The weighting has parameters that the outer level trains through the hypergradient (``head_optimizer``).
     learns: bool = False
     #: Names of the columns of :meth:`inputs` (the features ``predict`` writes out).
@@ -81,8 +84,8 @@ class Weighting(nn.Module):
         """The training rows this weighting can give a non-zero weight, decided once from the rows themselves.
 
         Args:
-            rows: Columns of every training row, real rows first: ``is_synthetic`` (0/1), ``reward`` and ``meta``
-                (dicts).
+            rows: Columns of every training row, real rows first: ``is_synthetic`` (0/1), ``reward``, ``meta``
+                (dicts), ``row_id`` (index in its split's input) and ``content_hash``.
 
         Returns:
             One bool per row, or ``None`` (default) when it is decided per batch. A data module that supports it

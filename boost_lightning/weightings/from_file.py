@@ -12,7 +12,7 @@ import json
 import math
 import os
 from collections import defaultdict
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
@@ -89,6 +89,20 @@ class FixedWeights(Weighting):
                                  f"{shared[1]} (rows of several inputs); match rows by content with key='hash'")
         return {k: sum(ws) / len(ws) for k, ws in groups.items()}
 
+    def select(self, rows: Mapping[str, Sequence[Any]]) -> list[bool] | None:
+        """Check that the file covers every training row (before the first step), and keep the rows it weighs > 0.
+
+        Rows at weight 0 (those ``top_fraction`` drops, or zeros in the file) are dropped before batching, so every
+        batch is full of rows that count.
+
+        Raises:
+            MissingWeightError: a training row has no weight in the file.
+        """
+        ids = rows["content_hash"] if self.key == "hash" else [int(i) for i in rows["row_id"]]
+        weights = self._lookup([float(s) > 0.5 for s in rows["is_synthetic"]], ids, "training rows")
+        keep = [w > 0 for w in weights]
+        return None if all(keep) else keep
+
     def inputs(self, out: TrajectoryOutput, batch: Mapping[str, Any]) -> Tensor:
         """[b, 1]: each row's weight from the file.
 
@@ -102,16 +116,19 @@ class FixedWeights(Weighting):
             ids: list[Any] = list(batch["content_hash"])
         else:
             ids = [int(i) for i in batch["row_id"].tolist()]
-        keys = list(zip((batch["is_synthetic"] > 0.5).tolist(), ids))
+        weights = self._lookup((batch["is_synthetic"] > 0.5).tolist(), ids, "rows of this batch")
+        return torch.tensor(weights, dtype=torch.float32, device=batch["is_synthetic"].device).unsqueeze(1)
+
+    def _lookup(self, synthetic: Sequence[bool], ids: Sequence[Any], what: str) -> list[float]:
+        keys = list(zip(synthetic, ids))
         missing = [k for k in keys if k not in self.table]
         if missing:
             shown = ", ".join(f"{_source(s)} {self.key} {i}" for s, i in missing[:5])
             raise MissingWeightError(
-                f"{self.path}: no weight for {len(missing)} of the {len(keys)} rows of this batch ({shown}"
+                f"{self.path}: no weight for {len(missing)} of the {len(keys)} {what} ({shown}"
                 f"{', ...' if len(missing) > 5 else ''}): score every training row first, e.g. "
                 f"`python main.py predict ... --data.predict train`")
-        weights = [self.table[k] for k in keys]
-        return torch.tensor(weights, dtype=torch.float32, device=batch["is_synthetic"].device).unsqueeze(1)
+        return [self.table[k] for k in keys]
 
     def forward(self, inputs: Tensor, hypergradient: Hypergradient | None = None) -> Tensor:
         return inputs[:, 0].clone()

@@ -9,7 +9,7 @@ from dataclasses import replace
 
 import pytest
 
-from boost_lightning.bench.__main__ import main
+from boost_lightning.bench.__main__ import main, shard_arguments
 from boost_lightning.bench.suite import (
     MAIN_POOL,
     PRESETS,
@@ -147,3 +147,9 @@ def test_micro_suite_end_to_end_resume_and_readme(tmp_path, capsys):
     assert "old" not in text and "Headroom" in text and text.endswith("after\n")
     assert (tmp_path / "docs" / "bench" / "results.csv").exists()
     assert {p.name: p.stat().st_mtime_ns for p in (suite / "runs").glob("*.json")} == mtimes
+
+
+def test_worker_processes_get_the_suite_arguments_without_the_parent_only_ones():
+    argv = ["--tasks", "maze", "--workers", "2", "--readme", "README.md", "--seeds", "5", "--workers=3",
+            "--readme=R.md", "--name", "full"]
+    assert shard_arguments(argv) == ["--tasks", "maze", "--seeds", "5", "--name", "full"]

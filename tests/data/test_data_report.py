@@ -150,7 +150,7 @@ def test_report_only_prints_the_report_and_exits_without_training(tiny_config, t
     out = capsys.readouterr().out
     assert f"Data report (max_length={MAX_LENGTH} tokens)" in out
     assert "| synthetic  | synthetic | b " in out and "| validation | real " in out
-    assert cli.model.inner_steps == 0 and cli.trainer.global_step == 0, "no training"
+    assert cli.model is None and cli.trainer is None, "no model built, no training"
     assert set(tmp_path.rglob("*")) == before, "nothing written: no logs, checkpoints, config or cache"
     assert not root.exists() and not (Path.cwd() / "logs").exists()
 
