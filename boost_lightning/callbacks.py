@@ -242,6 +242,12 @@ class TrajectoryWeightWriter(BasePredictionWriter):
       per-trajectory loss weight as in weighted SFT, loss = Σᵢ wᵢℓᵢ / Σᵢ |wᵢ|;
     * ``features``: ``{name: value}``, the weighting's per-row inputs (the learned head's scalar features).
 
+    With ``granularity: turn`` the weighting scores each assistant turn; a row then also carries ``turn_scores`` and
+    ``turn_weights`` (one per turn, in order), its ``features`` map each name to the per-turn values, its ``score`` is
+    the log-mean-exp of its turn scores, and its ``weight`` is the mean of its turn weights. The turn weights are the
+    normalisation of every turn score of the file together (as a training batch of turns is normalised), all scaled
+    by one constant so that the rows' weights have mean 1.
+
     ``source`` and ``task_id`` are filled in where the row has none; input fields named like the added ones are
     replaced. The result is itself a trajectory file (``--data.synthetic weights.parquet`` reads it, so does any
     trainer that takes a weight column), and :class:`~boost_lightning.weightings.FixedWeights` trains on its weights.
@@ -303,13 +309,30 @@ class TrajectoryWeightWriter(BasePredictionWriter):
         rows = self._with_originals([r for part in gathered for r in part], trainer.datamodule)
         if not rows:
             return
-        weights = pl_module.weighting.normalize(torch.tensor([r["score"] for r in rows]),
-                                                torch.tensor([r["source"] == "synthetic" for r in rows]))
+        if "turn_scores" in rows[0]:
+            weights = self._turn_weights(rows, pl_module.weighting)
+        else:
+            weights = pl_module.weighting.normalize(torch.tensor([r["score"] for r in rows]),
+                                                    torch.tensor([r["source"] == "synthetic" for r in rows]))
         for row, w in zip(rows, weights.tolist()):
             row["weight"] = w
             row["features"] = row.pop("features")  # the nested field last: easier to read in JSONL
         self._write(rows, path, self.resolve_format(path))
         self.written_to = path
+
+    @staticmethod
+    def _turn_weights(rows: list[dict[str, Any]], weighting: Any) -> torch.Tensor:
+        """Each row's weight (the mean of its turn weights, mean 1 over the rows); sets each row's ``turn_weights``."""
+        counts = [len(r["turn_scores"]) for r in rows]
+        scores = torch.tensor([s for r in rows for s in r["turn_scores"]], dtype=torch.float64)
+        synthetic = torch.tensor([r["source"] == "synthetic" for r, n in zip(rows, counts) for _ in range(n)])
+        turns = weighting.normalize(scores, synthetic).double() if scores.numel() else scores
+        row_weights = torch.stack([part.mean() if part.numel() else part.new_zeros(())
+                                   for part in torch.split(turns, counts)])
+        scale = row_weights.shape[0] / row_weights.sum().clamp(min=1e-30)
+        for row, part in zip(rows, torch.split(turns * scale, counts)):
+            row["turn_weights"] = part.tolist()
+        return row_weights * scale
 
     @staticmethod
     def _with_originals(scored: list[dict[str, Any]], datamodule: Any) -> list[dict[str, Any]]:
@@ -337,7 +360,7 @@ class TrajectoryWeightWriter(BasePredictionWriter):
                 if row.get(name) is None:
                     row[name] = r[name]
             row.update(row_id=r["row_id"], split=split, content_hash=digest, score=r["score"],
-                       features=r["features"])
+                       **{k: r[k] for k in ("turn_scores",) if k in r}, features=r["features"])
             joined[splits.index(split), r["row_id"]] = row
         return [joined[key] for key in sorted(joined)]
 

@@ -24,14 +24,21 @@ step (no optimizer has stepped yet: every check runs before the first ``.step()`
 
 ``trainer.global_step`` counts every optimizer ``.step()`` of both levels; the explicit ``inner_steps`` and
 ``outer_steps`` counters (logged, checkpointed) are what ``max_inner_steps`` and the diagnostics read.
+
+Granularity: the weighted unit i above is a row (``granularity="trajectory"``) or one assistant turn of a row
+(``"turn"``: ℓᵢ is the turn's agent-token NLL, the sums run over every turn of the global batch, each turn carries its
+row's objective multiplier). The training step is the same code either way; only the policy's forward
+(``TrajectoryOutput`` per unit), the weighting's view of the batch
+(:func:`~boost_lightning.models.features.unit_columns`) and the unit count of the lookahead change.
 """
 
 from __future__ import annotations
 
 import contextlib
+import math
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from lightning.pytorch import LightningModule
@@ -53,6 +60,7 @@ from boost_lightning.faults import (
     check_finite,
     check_grads_finite,
 )
+from boost_lightning.models.features import unit_columns
 from boost_lightning.models.policy import PolicyModel, TrajectoryOutput
 from boost_lightning.models.weight_head import weight_statistics
 from boost_lightning.objectives import Objective, build_objective, weighted_loss
@@ -64,12 +72,15 @@ __all__ = ["BoostModule", "FaultLimitError"]
 
 @dataclass
 class _Rows:
-    """The global inner batch as the weighting and objective see it (gathered; identical on every rank)."""
+    """The global inner batch as the weighting and objective see it (gathered; identical on every rank).
 
-    inputs: Tensor  # [N, k] the weighting's per-row inputs
+    Its N entries are units: rows, or assistant turns at turn granularity (a turn carries its row's multiplier).
+    """
+
+    inputs: Tensor  # [N, k] the weighting's per-unit inputs
     synthetic: Tensor  # [N] bool
-    multiplier: Tensor  # [N] the objective's per-row multiplier mᵢ
-    local: slice  # this rank's rows
+    multiplier: Tensor  # [N] the objective's multiplier mᵢ
+    local: slice  # this rank's units
 
 
 class BoostModule(LightningModule):
@@ -97,6 +108,18 @@ class BoostModule(LightningModule):
         head_grad_clip: Max global grad norm of the head (None: off).
         max_inner_steps: Stop after this many policy steps (``trainer.max_steps`` counts both levels).
         max_consecutive_faults: Stop with an error after this many consecutive skipped steps.
+        granularity: What one weight is given to. ``trajectory``: a whole row. ``turn``: each assistant turn (a
+            maximal run of agent tokens in ``labels``; no change to the data) gets its own weight, from the head's
+            features of that turn (its NLL, the surprise of the observation that answers it, its pooled state, its
+            tokens, plus its row's return, source and turn count; add ``position`` to the head's features to show it
+            where the turn sits). The inner loss is then Σ_u w_u·m_u·ℓ_u / Σ_u w_u over every turn of the global
+            batch, ℓ_u the turn's mean agent-token NLL: with uniform weights that is SFT where every turn counts
+            once, whatever its length (the trajectory default averages tokens per row). The hypergradient, the
+            ``weights/*`` and ``tradeoff/*`` logs (ESS, means per source) are per turn, and so are the head's
+            batches: expect several times more units per batch, and one more all-gather per step; the policy's
+            forward costs the same. Validation and test losses stay per row. ``predict`` writes one record per row
+            with its ``turn_scores`` (the writer adds ``turn_weights``). Weightings whose inputs only make sense per
+            trajectory (``advantage_softmax``) refuse ``turn``.
     """
 
     def __init__(
@@ -118,6 +141,7 @@ class BoostModule(LightningModule):
         head_grad_clip: float | None = 1.0,
         max_inner_steps: int | None = None,
         max_consecutive_faults: int = 10,
+        granularity: Literal["trajectory", "turn"] = "trajectory",
     ) -> None:
         super().__init__()
         self.schedule = BilevelSchedule(inner_accumulate_grad_batches, outer_accumulate_grad_batches,
@@ -131,6 +155,13 @@ class BoostModule(LightningModule):
         self.strict_loading = False
         self.policy = policy
         self.weighting = build_weighting(weighting)
+        if granularity not in ("trajectory", "turn"):
+            raise ValueError(f"granularity must be 'trajectory' or 'turn', got {granularity!r}")
+        if granularity not in self.weighting.granularities:
+            raise ValueError(f"granularity={granularity!r} is not supported for the {type(self.weighting).__name__} "
+                             f"weighting (it weighs {' or '.join(self.weighting.granularities)} units only); use "
+                             f"granularity='trajectory' or another weighting")
+        self.granularity = granularity
         self.weighting.bind(policy.hidden_size)
         self.objective = build_objective(objective)
         self.hypergradient = hypergradient if hypergradient is not None else HypergradientOptions()
@@ -214,8 +245,13 @@ class BoostModule(LightningModule):
         except SkippedStep as skipped:
             return self._skip(skipped, policy_opt, head_opt)
         self._log_step(rows, out, weights, inner_loss, hypergrad)
-        return {"weights": weights[rows.local], "is_synthetic": inner["is_synthetic"].detach(),
-                "hypergradient": hypergrad.grad_weights[rows.local] if hypergrad is not None else None}
+        result = {"weights": weights[rows.local], "is_synthetic": inner["is_synthetic"].detach(),
+                  "hypergradient": hypergrad.grad_weights[rows.local] if hypergrad is not None else None}
+        if out.unit_row is not None:
+            # Callbacks read one weight per row of the batch (the mean of its turns'); the turns' own ride along.
+            result.update(weights=_row_means(result["weights"], out.unit_row, inner["input_ids"].shape[0]),
+                          turn_weights=result["weights"], unit_row=out.unit_row)
+        return result
 
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
         if self.hparams.max_inner_steps is not None and self.inner_steps >= self.hparams.max_inner_steps:
@@ -228,13 +264,16 @@ class BoostModule(LightningModule):
     def _forward(self, inner: Mapping[str, Any]) -> TrajectoryOutput:
         micro = self.hparams.micro_batch_size
         if micro is None or micro >= inner["input_ids"].shape[0]:
-            return self.policy.trajectory_forward(inner)
+            return self.policy.trajectory_forward(inner, granularity=self.granularity)
         # Weights are a function of the whole batch (per-batch normalisation), so they are computed on a no-grad
         # pass first and the chunks are forwarded again with grad in _inner_backward (one extra forward).
         with torch.no_grad():
-            return _cat_outputs([self.policy.trajectory_forward(c) for c in _chunks(inner, micro)])
+            return _cat_outputs([self.policy.trajectory_forward(c, granularity=self.granularity)
+                                 for c in _chunks(inner, micro)], micro)
 
     def _gather_rows(self, out: TrajectoryOutput, inner: Mapping[str, Any]) -> _Rows:
+        if out.unit_row is not None:
+            return self._gather_turns(out, inner)
         # Sync point: one all-gather of B·(1 + k) floats, small next to the policy's forward. Every rank then computes
         # the weights and multipliers of the whole global batch exactly as one process would and keeps its own rows.
         table, local = dp.all_gather_rows(torch.cat([inner["reward"].float().unsqueeze(1),
@@ -242,6 +281,20 @@ class BoostModule(LightningModule):
                                                      self.weighting.inputs(out, inner)], dim=1))
         return _Rows(inputs=table[:, 2:], synthetic=table[:, 1].bool(),
                      multiplier=self.objective.multiplier(table[:, 0]), local=local)
+
+    def _gather_turns(self, out: TrajectoryOutput, inner: Mapping[str, Any]) -> _Rows:
+        """The global batch's turns: the objective's multipliers are a function of the rows (their batch statistics,
+        a top fraction or a mean return, count each trajectory once), so rows and turns are gathered apart (ranks may
+        hold different numbers of turns) and each turn takes its row's multiplier."""
+        returns, row_local = dp.all_gather_rows(inner["reward"].float().unsqueeze(1))
+        multiplier = self.objective.multiplier(returns[:, 0])
+        columns = unit_columns(inner, out)
+        # The row index rides in a float column: exact for any batch below 2²⁴ rows.
+        table, local = dp.all_gather_rows(torch.cat([(out.unit_row + row_local.start).float().unsqueeze(1),
+                                                     columns["is_synthetic"].float().unsqueeze(1),
+                                                     self.weighting.inputs(out, columns)], dim=1))
+        return _Rows(inputs=table[:, 2:], synthetic=table[:, 1].bool(), multiplier=multiplier[table[:, 0].long()],
+                     local=local)
 
     def _weights(self, rows: _Rows, hypergrad: Hypergradient | None) -> Tensor:
         """Weights [N] of the global batch; raises when they are non-finite or all zero."""
@@ -252,7 +305,8 @@ class BoostModule(LightningModule):
         return weights
 
     def _inner_backward(self, inner: Mapping[str, Any], out: TrajectoryOutput, rows: _Rows, weights: Tensor) -> Tensor:
-        """Backward of L_in = Σ wᵢmᵢℓᵢ / Σ wᵢ over the global batch, chunked if ``micro_batch_size`` is set.
+        """Backward of L_in = Σ wᵢmᵢℓᵢ / Σ wᵢ over the global batch's units, chunked by rows if ``micro_batch_size``
+        is set.
 
         Each rank backpropagates its term Σ_local / Σ_global w (scaled by 1/A under accumulation) and the policy
         gradients are summed over ranks; the returned L_in (detached) is the global value on every rank.
@@ -265,23 +319,25 @@ class BoostModule(LightningModule):
         micro = self.hparams.micro_batch_size
         params = list(self.policy.trainable_named_parameters().values())
         with dp.summed_gradients(params):
-            if micro is None or micro >= local_w.shape[0]:
+            if micro is None or micro >= inner["input_ids"].shape[0]:
                 self._local_backward(weighted_loss(out.loss * multiplier, local_w, total) * scale)
             else:
-                for start, chunk in zip(range(0, local_w.shape[0], micro), _chunks(inner, micro)):
-                    part = slice(start, start + micro)
-                    losses = self.policy.trajectory_forward(chunk).loss * multiplier[part]
-                    self._local_backward(weighted_loss(losses, local_w[part], total) * scale)
+                start = 0  # a chunk of rows holds a contiguous run of units (units are ordered by row)
+                for chunk in _chunks(inner, micro):
+                    losses = self.policy.trajectory_forward(chunk, granularity=self.granularity).loss
+                    part = slice(start, start + losses.shape[0])
+                    start = part.stop
+                    self._local_backward(weighted_loss(losses * multiplier[part], local_w[part], total) * scale)
         return loss_value
 
     def _hypergradient(self, inner: Mapping[str, Any], outer: Mapping[str, Any], out: TrajectoryOutput, rows: _Rows,
                        weights: Tensor | None = None) -> Hypergradient:
-        """∂L_val/∂wᵢ of the global inner batch (gathered, identical on every rank), at ``weights`` (this rank's
-        rows; uniform by default)."""
+        """∂L_val/∂wᵢ of the global inner batch's units (gathered, identical on every rank), at ``weights`` (this
+        rank's units; uniform by default)."""
         policy_opt = self._optimizers()[0]
         optimizer = getattr(policy_opt, "optimizer", policy_opt)  # the raw optimizer under Lightning's wrapper
         hypergrad = policy_hypergradient(self.policy, inner, outer, self.hypergradient, optimizer,
-                                         rows.multiplier[rows.local], out.loss.detach(), weights)
+                                         rows.multiplier[rows.local], out.loss.detach(), weights, self.granularity)
         check_finite("hypergrad", hypergrad.grad_weights, hypergrad.val_loss)
         return hypergrad
 
@@ -372,20 +428,37 @@ class BoostModule(LightningModule):
 
     def predict_step(self, batch: Mapping[str, Any], batch_idx: int) -> list[dict[str, Any]]:
         """One record per row: ``row_id``, ``task_id``, ``source``, ``content_hash`` (when the batch has it), the
-        weighting's raw ``score`` and its per-row inputs as ``features``; the writer normalises and writes them."""
-        out = self.policy.trajectory_forward(batch)
-        inputs = self.weighting.inputs(out, batch)
+        weighting's raw ``score`` and its per-row inputs as ``features``; the writer normalises and writes them.
+
+        At turn granularity a record also holds ``turn_scores`` (one per assistant turn, in order), its ``features``
+        map each name to the per-turn values, and its ``score`` is the log-mean-exp of its turn scores: where weights
+        are ∝ exp(score) (the default softmax head), rows then rank by score as by the mean of their turn weights,
+        which is the ``weight`` the writer gives them."""
+        out = self.policy.trajectory_forward(batch, granularity=self.granularity)
+        inputs = self.weighting.inputs(out, unit_columns(batch, out))
         scores = self.weighting.scores(inputs)
         names = self.weighting.input_names
         hashes = batch.get("content_hash")
-        return [{
+        records = [{
             "row_id": int(batch["row_id"][i]),
             "task_id": batch["task_id"][i],
             "source": "synthetic" if float(batch["is_synthetic"][i]) > 0.5 else "real",
             **({"content_hash": hashes[i]} if hashes is not None else {}),
-            "score": float(scores[i]),
-            "features": {name: float(inputs[i, j]) for j, name in enumerate(names)},
-        } for i in range(scores.shape[0])]
+        } for i in range(batch["input_ids"].shape[0])]
+        if out.unit_row is None:
+            for i, record in enumerate(records):
+                record["score"] = float(scores[i])
+                record["features"] = {name: float(inputs[i, j]) for j, name in enumerate(names)}
+            return records
+        for i, record in enumerate(records):
+            turns = (out.unit_row == i).nonzero(as_tuple=True)[0]
+            turn_scores = scores[turns].double()
+            # A row without an agent token (the data checks rule it out) has no turn and weighs nothing.
+            record["score"] = float(torch.logsumexp(turn_scores, 0) - math.log(turns.numel())) if turns.numel() \
+                else float("-inf")
+            record["turn_scores"] = turn_scores.tolist()
+            record["features"] = {name: inputs[turns, j].tolist() for j, name in enumerate(names)}
+        return records
 
     # -- checkpoints ----------------------------------------------------------------------------------------------
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
@@ -436,6 +509,17 @@ def _chunks(batch: Mapping[str, Any], size: int):
         yield {k: v[start : start + size] for k, v in batch.items()}
 
 
-def _cat_outputs(outs: list[TrajectoryOutput]) -> TrajectoryOutput:
-    return TrajectoryOutput(*(torch.cat([getattr(o, f) for o in outs]) for f in ("loss", "surprise", "pooled",
-                                                                                "correct")))
+def _cat_outputs(outs: list[TrajectoryOutput], size: int) -> TrajectoryOutput:
+    """The outputs of consecutive chunks of ``size`` rows as one; turns' row indices shift to the whole batch's."""
+    fields = {f: torch.cat([getattr(o, f) for o in outs]) for f in ("loss", "surprise", "pooled", "correct")}
+    if outs[0].unit_row is None:
+        return TrajectoryOutput(**fields)
+    return TrajectoryOutput(**fields, unit_row=torch.cat([o.unit_row + i * size for i, o in enumerate(outs)]),
+                            position=torch.cat([o.position for o in outs]), tokens=torch.cat([o.tokens for o in outs]))
+
+
+def _row_means(values: Tensor, unit_row: Tensor, rows: int) -> Tensor:
+    """[rows] mean of each row's units (0 for a row without one)."""
+    sums = values.new_zeros(rows).index_add(0, unit_row, values)
+    counts = values.new_zeros(rows).index_add(0, unit_row, torch.ones_like(values))
+    return sums / counts.clamp(min=1)

@@ -1,4 +1,5 @@
-"""Hypergradients of the validation loss with respect to per-trajectory weights (pure torch).
+"""Hypergradients of the validation loss with respect to per-unit weights: one per trajectory, or per assistant turn
+(pure torch; a unit is whatever ``inner_losses`` returns one loss for).
 
 The bilevel problem, with one inner step as the lookahead (B rows, weights of mean 1):
 
@@ -112,7 +113,7 @@ def first_order_hypergradient(
 
     Args:
         params: The live trainable parameters θ (e.g. the LoRA tensors). They are read, never modified.
-        inner_losses: θ ↦ per-trajectory inner losses [B]; called under ``torch.no_grad``.
+        inner_losses: θ ↦ per-unit (trajectory or turn) inner losses [B]; called under ``torch.no_grad``.
         val_loss: θ ↦ scalar validation loss; differentiated once.
         lr: α, the inner learning rate of the lookahead step (scales the result only).
         base_losses: ℓ(θ) [B] if the caller already has it (the inner step computed it): saves one forward.
@@ -173,7 +174,7 @@ def exact_hypergradient(
 
     Args:
         params: The live trainable parameters θ (read, never modified).
-        inner_losses: θ ↦ per-trajectory inner losses [B], differentiable in θ.
+        inner_losses: θ ↦ per-unit (trajectory or turn) inner losses [B], differentiable in θ.
         val_loss: θ ↦ scalar validation loss.
         weights: [B] the weights w at which the hypergradient is taken.
         lr: α, the inner learning rate of the unrolled step.

@@ -33,8 +33,10 @@ def policy_hypergradient(
     multiplier: Tensor,
     base_losses: Tensor | None = None,
     weights: Tensor | None = None,
+    granularity: str = "trajectory",
 ) -> Hypergradient:
-    """∂L_val(θ')/∂wᵢ for every row of the global inner batch, θ' = one ``optimizer``-shaped step on the weighted loss.
+    """∂L_val(θ')/∂wᵢ for every unit (row, or assistant turn) of the global inner batch, θ' = one ``optimizer``-shaped
+    step on the weighted loss.
 
     Args:
         policy: The policy; its trainable (LoRA) tensors are θ, read and never modified.
@@ -42,19 +44,23 @@ def policy_hypergradient(
         outer: This rank's validation batch; v = ∇ of the global mean validation loss.
         options: Method, lookahead lr (default: the optimizer's), probe, preconditioner.
         optimizer: The policy's optimizer: its lr and, for ``preconditioner="adam"``, its second moments.
-        multiplier: [b] the objective's per-row multiplier mᵢ of this rank's rows (the inner loss is mᵢℓᵢ).
-        base_losses: [b] ℓᵢ(θ) of this rank's rows if already computed (saves one forward, one-sided differences).
-        weights: [b] this rank's weights, the exact method's point of evaluation (default: uniform).
+        multiplier: [u] the objective's multiplier mᵢ of this rank's units (the inner loss is mᵢℓᵢ; a turn has its
+            row's).
+        base_losses: [u] ℓᵢ(θ) of this rank's units if already computed (saves one forward, one-sided differences).
+        weights: [u] this rank's weights, the exact method's point of evaluation (default: uniform).
+        granularity: ``trajectory`` (a unit is a row) or ``turn`` (a unit is an assistant turn). The validation loss
+            stays the mean over validation rows of their agent-token NLL either way.
 
     Returns:
-        The hypergradient with [N] per-row fields of the global batch, identical on every rank.
+        The hypergradient with [N] per-unit fields of the global batch, identical on every rank.
     """
     params = policy.trainable_named_parameters()
     lr = options.lookahead_lr or optimizer.param_groups[0]["lr"]
-    # Sync point: global inner and validation row counts (one two-element all-reduce per outer step).
+    # Sync point: global inner unit and validation row counts (one two-element all-reduce per outer step). The unit
+    # count is the B of the lookahead θ − α/B·Σ wᵢ∇ℓᵢ: weights have mean 1 over the units.
     num_inner, num_val = (int(n) for n in dp.all_reduce_sum(torch.tensor(
-        [inner["input_ids"].shape[0], outer["input_ids"].shape[0]], device=multiplier.device)))
-    inner_fn = lambda p: policy.functional_losses(inner, p) * multiplier  # noqa: E731
+        [multiplier.shape[0], outer["input_ids"].shape[0]], device=multiplier.device)))
+    inner_fn = lambda p: policy.functional_losses(inner, p, granularity) * multiplier  # noqa: E731
     # This rank's term of the global mean validation loss; `all_reduce` sums the terms (and their gradients).
     val_fn = lambda p: policy.functional_losses(outer, p).sum() / num_val  # noqa: E731
     all_reduce = dp.all_reduce_sum if dp.is_distributed() else None
@@ -68,7 +74,7 @@ def policy_hypergradient(
         local = first_order_hypergradient(params, inner_fn, val_fn, lr, base_losses=base, eps=options.fd_eps,
                                           central=options.fd_central, batch_size=num_inner, all_reduce=all_reduce,
                                           precondition=precondition)
-    # Sync point: every rank's rows, so that the head sees the global batch (B·2 floats).
+    # Sync point: every rank's units, so that the head sees the global batch (N·2 floats).
     table, _ = dp.all_gather_rows(torch.stack([local.grad_weights, local.directional], dim=1))
     return Hypergradient(grad_weights=table[:, 0], val_loss=local.val_loss, v_norm=local.v_norm,
                          directional=table[:, 1])

@@ -1,21 +1,29 @@
-"""Per-trajectory features for the weight head: what the head may know about a trajectory.
+"""Per-unit features for the weight head: what the head may know about a trajectory, or about one assistant turn.
 
 All features are detached from the policy: the head is trained only through the hypergradient, never by
 backpropagating into the policy. Ground-truth quality labels in ``meta`` are never used.
+
+At turn granularity a weighting reads the batch through :func:`unit_columns`: the row's columns repeated for each of
+its turns, with the turn's own ``length`` and ``position``.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from typing import Any
 
 import torch
 from torch import Tensor
 
 from boost_lightning.models.policy import TrajectoryOutput
 
-#: Scalar features, in the order they are stacked. ``hidden`` (the pooled hidden state) comes first when enabled.
+#: Scalar features of every unit, in the order they are stacked. ``hidden`` (the pooled hidden state) comes first
+#: when enabled.
 SCALAR_FEATURES = ("loss", "surprise", "reward", "source", "length", "turns")
-ALL_FEATURES = ("hidden", *SCALAR_FEATURES)
+#: Scalar features that tell the turns of one trajectory apart (stacked after :data:`SCALAR_FEATURES`; constant for
+#: whole trajectories, so they are off by default).
+TURN_FEATURES = ("position",)
+ALL_FEATURES = ("hidden", *SCALAR_FEATURES, *TURN_FEATURES)
 
 
 def validate_feature_names(names: Sequence[str]) -> tuple[str, ...]:
@@ -33,7 +41,8 @@ def scalar_features(out: TrajectoryOutput, batch: Mapping[str, Tensor], names: S
 
     ``loss`` is the agent-token NLL, ``surprise`` the observation-token NLL (environment replies the policy
     did not expect: shifted tasks and hallucinating simulators stand out there), ``length`` is log(1+tokens)
-    and ``turns`` the number of agent turns.
+    (the row's tokens; a turn's agent tokens), ``turns`` the row's number of agent turns and ``position`` a turn's
+    index within its row (0 for a whole trajectory).
     """
     columns = {
         "loss": lambda: out.loss.detach(),
@@ -42,8 +51,32 @@ def scalar_features(out: TrajectoryOutput, batch: Mapping[str, Tensor], names: S
         "source": lambda: batch["is_synthetic"],
         "length": lambda: torch.log1p(batch["length"].float()),
         "turns": lambda: batch["num_turns"].float(),
+        "position": lambda: batch["position"] if "position" in batch else torch.zeros_like(out.loss),
     }
     picked = [columns[n]().float() for n in names if n in columns]
     if not picked:
         return out.loss.new_zeros(out.loss.shape[0], 0)
     return torch.stack(picked, dim=1).detach()
+
+
+def unit_columns(batch: Mapping[str, Any], out: TrajectoryOutput) -> dict[str, Any]:
+    """The batch as a weighting reads it at turn granularity: one entry per turn of ``out`` (``out.unit_row``).
+
+    Every per-row column (a [B] tensor or a list of B values: ``reward``, ``is_synthetic``, ``num_turns``, ``row_id``,
+    ``task_id``, ``meta``, ...) is repeated for each of the row's turns; ``length`` and ``num_agent_tokens`` become the
+    turn's agent tokens, and ``position`` (the turn's index within its row) is added. Token-level [B, T] columns are
+    left out: a turn has no row of tokens of its own. Returns ``batch`` as is for a per-row ``out``.
+    """
+    if out.unit_row is None:
+        return dict(batch)
+    rows = out.unit_row
+    size = batch["input_ids"].shape[0]
+    columns: dict[str, Any] = {}
+    for name, value in batch.items():
+        if isinstance(value, torch.Tensor) and value.dim() == 1 and value.shape[0] == size:
+            columns[name] = value[rows.to(value.device)]
+        elif isinstance(value, (list, tuple)) and len(value) == size:
+            columns[name] = [value[i] for i in rows.tolist()]
+    columns["length"] = columns["num_agent_tokens"] = out.tokens
+    columns["position"] = out.position
+    return columns

@@ -1,9 +1,10 @@
-"""The policy: an HF causal LM with PEFT LoRA adapters, scored per trajectory.
+"""The policy: an HF causal LM with PEFT LoRA adapters, scored per trajectory or per assistant turn.
 
 Everything BOOST needs from the language model goes through :class:`PolicyModel`:
 
-* ``trajectory_forward`` returns, per trajectory, the token-mean NLL over its agent tokens (with graph), the
-  mean NLL of its observation tokens and a pooled hidden state (both detached: head features);
+* ``trajectory_forward`` returns, per weighted unit (a trajectory, or one assistant turn with
+  ``granularity="turn"``), the token-mean NLL over its agent tokens (with graph), the mean NLL of its observation
+  tokens and a pooled hidden state (both detached: head features);
 * ``functional_losses`` evaluates the same per-trajectory losses at *other* LoRA parameter values through
   ``torch.func.functional_call``, which is how the hypergradient probes θ ± εv without touching the live
   parameters (an in-place perturbation would invalidate tensors saved for the pending backward).
@@ -22,22 +23,34 @@ from torch import Tensor, nn
 
 from boost_lightning.data.trajectory import IGNORE_INDEX
 
+#: What one weight is given to: a whole trajectory (row), or one assistant turn of it.
+GRANULARITIES = ("trajectory", "turn")
+
 
 @dataclass
 class TrajectoryOutput:
-    """Per-trajectory results of one policy forward.
+    """Per-unit results of one policy forward: a unit is a row (``granularity="trajectory"``) or an assistant turn.
 
     Attributes:
-        loss: [B] token-mean NLL over each trajectory's agent tokens (carries the graph when grad is enabled).
-        surprise: [B] detached mean NLL of the observation (user/tool) tokens; 0 where a row has none.
-        pooled: [B, H] detached mean of the last hidden state over the row's tokens.
-        correct: [B] detached number of agent tokens predicted exactly (argmax), for token accuracy.
+        loss: [U] token-mean NLL over each unit's agent tokens (carries the graph when grad is enabled).
+        surprise: [U] detached mean NLL of the unit's observation (user/tool) tokens; 0 where it has none. A turn's
+            observation tokens are those after it until the next turn (the environment's reply to that action); the
+            ones before a row's first turn belong to the first turn.
+        pooled: [U, H] detached mean of the last hidden state over the row's tokens (trajectory), or over the turn's
+            own agent tokens (turn).
+        correct: [U] detached number of agent tokens predicted exactly (argmax), for token accuracy.
+        unit_row: [U] the row of each turn (units ordered by row, then turn); None for trajectories (unit = row).
+        position: [U] each turn's index within its row (0 for the first); None for trajectories.
+        tokens: [U] each turn's number of agent tokens; None for trajectories.
     """
 
     loss: Tensor
     surprise: Tensor
     pooled: Tensor
     correct: Tensor
+    unit_row: Tensor | None = None
+    position: Tensor | None = None
+    tokens: Tensor | None = None
 
 
 class PolicyModel(nn.Module):
@@ -209,16 +222,24 @@ class PolicyModel(nn.Module):
 
     # -- forward ----------------------------------------------------------------------------------------------
     def trajectory_forward(
-        self, batch: Mapping[str, Tensor], params: Mapping[str, Tensor] | None = None, aux: bool = True
+        self,
+        batch: Mapping[str, Tensor],
+        params: Mapping[str, Tensor] | None = None,
+        aux: bool = True,
+        granularity: str = "trajectory",
     ) -> TrajectoryOutput:
-        """Per-trajectory agent NLL, observation surprise and pooled state for a collated batch.
+        """Per-unit agent NLL, observation surprise and pooled state for a collated batch.
 
         Args:
             batch: Collated batch with ``input_ids``, ``attention_mask``, ``labels`` and ``obs_mask``.
             params: Optional replacement values for (some of) the LoRA parameters, evaluated functionally.
             aux: Also compute surprise, pooled state and accuracy. Without it only agent positions reach the LM
                 head (the hypergradient's probes need the loss alone); the other fields are then empty.
+            granularity: ``trajectory``: one unit per row. ``turn``: one unit per assistant turn, a maximal run of
+                agent positions (``labels != -100``) of a row (:func:`find_turns`).
         """
+        if granularity not in GRANULARITIES:
+            raise ValueError(f"granularity must be one of {GRANULARITIES}, got {granularity!r}")
         input_ids, attention_mask, labels = batch["input_ids"], batch["attention_mask"], batch["labels"]
         obs_mask = batch.get("obs_mask")
         hidden = self._last_hidden(input_ids, attention_mask, params)
@@ -237,6 +258,8 @@ class PolicyModel(nn.Module):
         nll = nn.functional.cross_entropy(logits, tokens, reduction="none")
         is_agent = agent[needed]
 
+        if granularity == "turn":
+            return _turn_output(agent, needed, nll, logits, tokens, hidden, aux)
         batch_size = input_ids.shape[0]
         agent_count = agent.sum(1).clamp(min=1).to(nll.dtype)
         loss = torch.zeros(batch_size, dtype=nll.dtype, device=nll.device).index_add(
@@ -254,9 +277,10 @@ class PolicyModel(nn.Module):
             pooled = ((hidden * mask).sum(1) / mask.sum(1).clamp(min=1)).float()
         return TrajectoryOutput(loss=loss, surprise=surprise, pooled=pooled.detach(), correct=correct)
 
-    def functional_losses(self, batch: Mapping[str, Tensor], params: Mapping[str, Tensor]) -> Tensor:
-        """Per-trajectory agent NLL [B] with the LoRA parameters replaced by ``params`` (no live parameter moves)."""
-        return self.trajectory_forward(batch, params, aux=False).loss
+    def functional_losses(self, batch: Mapping[str, Tensor], params: Mapping[str, Tensor],
+                          granularity: str = "trajectory") -> Tensor:
+        """Per-unit agent NLL [U] with the LoRA parameters replaced by ``params`` (no live parameter moves)."""
+        return self.trajectory_forward(batch, params, aux=False, granularity=granularity).loss
 
     def generate(self, *args, **kwargs):
         """``generate`` of the wrapped HF model (used by rollout evaluation)."""
@@ -297,6 +321,62 @@ class PolicyModel(nn.Module):
 
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass
+class Turns:
+    """The assistant turns of a batch, found from its agent mask alone (:func:`find_turns`).
+
+    Attributes:
+        unit: [B, L] index of the turn each position belongs to (the latest turn started at or before it, the row's
+            first turn before that), numbered over the whole batch by row then turn; -1 in rows without a turn.
+        row: [U] row of each turn.
+        position: [U] index of each turn within its row.
+    """
+
+    unit: Tensor
+    row: Tensor
+    position: Tensor
+
+
+def find_turns(agent: Tensor) -> Turns:
+    """Turns of a batch from its agent mask [B, L] (True where a token is trained on): a turn is a maximal run of
+    agent positions; the chat template puts role and observation tokens between two assistant messages."""
+    previous = torch.nn.functional.pad(agent[:, :-1], (1, 0), value=False)
+    starts = agent & ~previous
+    per_row = starts.sum(1)
+    first = per_row.cumsum(0) - per_row  # index of each row's first turn
+    row = torch.repeat_interleave(torch.arange(agent.shape[0], device=agent.device), per_row)
+    position = torch.arange(row.shape[0], device=agent.device) - first[row]
+    unit = (starts.long().cumsum(1) - 1).clamp(min=0) + first[:, None]
+    return Turns(unit=unit.masked_fill(per_row[:, None] == 0, -1), row=row, position=position)
+
+
+def _turn_output(agent: Tensor, needed: Tensor, nll: Tensor, logits: Tensor, tokens: Tensor,
+                 hidden: Tensor, aux: bool) -> TrajectoryOutput:
+    """Per-turn fields from the per-position NLL of the ``needed`` (agent or observation) positions."""
+    turns = find_turns(agent)
+    count = turns.row.shape[0]
+    unit = turns.unit[needed]
+    is_agent = agent[needed]
+    zeros = nll.new_zeros(count)
+    agent_count = zeros.index_add(0, unit[is_agent], torch.ones_like(nll[is_agent]))
+    loss = zeros.index_add(0, unit[is_agent], nll[is_agent]) / agent_count.clamp(min=1)
+    fields = {"unit_row": turns.row, "position": turns.position, "tokens": agent_count.detach().long()}
+    if not aux:
+        empty = loss.new_zeros(0)
+        return TrajectoryOutput(loss=loss, surprise=empty, pooled=empty, correct=empty, **fields)
+    with torch.no_grad():
+        observed = ~is_agent & (unit >= 0)  # observations of a row without a turn belong to no unit
+        obs_count = zeros.index_add(0, unit[observed], torch.ones_like(nll[observed])).clamp(min=1)
+        surprise = zeros.index_add(0, unit[observed], nll[observed].detach()) / obs_count
+        hit = ((logits.argmax(-1) == tokens) & is_agent).to(nll.dtype)
+        correct = zeros.index_add(0, unit[is_agent], hit[is_agent])
+        # A turn's own tokens: position t + 1 holds the agent token that position t predicts.
+        own = hidden[:, 1:][agent].float()
+        pooled = own.new_zeros(count, own.shape[1]).index_add(0, turns.unit[agent], own)
+        pooled = pooled / agent_count.clamp(min=1).to(pooled.dtype)[:, None]
+    return TrajectoryOutput(loss=loss, surprise=surprise, pooled=pooled.detach(), correct=correct, **fields)
 
 
 def _module_prefix(root: nn.Module, target: nn.Module) -> str:

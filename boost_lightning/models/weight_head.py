@@ -1,4 +1,4 @@
-"""The reweighting head: a small MLP from detached trajectory features to one weight per trajectory.
+"""The reweighting head: a small MLP from detached features to one weight per trajectory (or per assistant turn).
 
 Weights are normalised per batch to mean 1, so the weighted inner loss stays on the scale of plain SFT and the
 policy learning rate keeps its meaning. The last layer starts at zero: every score is 0, every weight is 1, and
@@ -17,7 +17,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
-from boost_lightning.models.features import SCALAR_FEATURES, validate_feature_names
+from boost_lightning.models.features import validate_feature_names
 
 
 class RunningNorm(nn.Module):
@@ -58,7 +58,10 @@ class WeightHead(nn.Module):
     Args:
         features: Features the head sees, any of ``hidden`` (pooled policy hidden state), ``loss`` (agent-token
             NLL), ``surprise`` (observation-token NLL), ``reward`` (trajectory return), ``source`` (1 for
-            synthetic), ``length`` (log token count), ``turns`` (agent turns).
+            synthetic), ``length`` (log token count), ``turns`` (agent turns), ``position`` (a turn's index within its
+            trajectory: worth adding with ``granularity: turn``; always 0 for whole trajectories). At turn
+            granularity each feature is the turn's (its NLL, the surprise of the reply it got, its pooled state, its
+            agent tokens); return, source and turns are its trajectory's.
         hidden_size: Size of the policy's hidden state; filled in from the policy when left unset.
         hidden_projection: The pooled hidden state is first projected to this many dimensions.
         mlp_width: Width of the MLP's hidden layers.
@@ -107,7 +110,7 @@ class WeightHead(nn.Module):
         if clip is not None and clip <= 1.0:
             raise ValueError("clip must be > 1 (weights have mean 1)")
         self.features = validate_feature_names(features)
-        self.scalar_names = tuple(n for n in SCALAR_FEATURES if n in self.features)
+        self.scalar_names = tuple(n for n in self.features if n != "hidden")
         self.normalization, self.temperature, self.clip = normalization, temperature, clip
         self.regularizer, self.regularizer_strength = regularizer, regularizer_strength
         self.reweight = reweight

@@ -107,10 +107,14 @@ class AdvantageSoftmax(Weighting):
     """wᵢ ∝ exp((Rᵢ − b̂ᵢ) / temperature), b̂ a ridge fit of the return on [1, log(1 + length), turns] over every batch
     seen so far (sufficient statistics in buffers: O(1) memory, checkpointed, restored when a step is skipped).
 
+    Trajectory granularity only: the baseline is a function of the whole trajectory's length and turns.
+
     Args:
         temperature: T; smaller concentrates the weight on the largest advantages.
         ridge: Ridge term of the baseline's least-squares fit.
     """
+
+    granularities = ("trajectory",)
 
     def __init__(self, temperature: float = 0.1, ridge: float = 1e-3) -> None:
         super().__init__()

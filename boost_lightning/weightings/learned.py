@@ -1,4 +1,5 @@
-"""BOOST's learned weighting: a small head over detached per-trajectory features, trained through the hypergradient."""
+"""BOOST's learned weighting: a small head over detached per-unit features (a trajectory, or an assistant turn with
+``granularity: turn``), trained through the hypergradient."""
 
 from __future__ import annotations
 
