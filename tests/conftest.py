@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 
 import pytest
+import torch
 
 from boost_lightning.bench.batches import random_batch  # noqa: F401  (re-exported for tests)
 
@@ -200,6 +201,17 @@ def fit_module():
         return trainer
 
     return fit
+
+
+@pytest.fixture()
+def assert_same_runs():
+    """Check that every module of ``runs`` ends with the parameters of the first (to ``atol``), naming the tensor."""
+    def check(runs: list, atol: float = 1e-6) -> None:
+        for other in runs[1:]:
+            for (n, a), (_, b) in zip(runs[0].named_parameters(), other.named_parameters()):
+                torch.testing.assert_close(a, b, rtol=0, atol=atol, msg=lambda m, n=n: f"{n}: {m}")
+
+    return check
 
 
 @pytest.fixture()

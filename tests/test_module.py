@@ -96,7 +96,7 @@ def test_resume_from_checkpoint_equals_uninterrupted_run(tmp_path, make_module, 
 
 
 @pytest.mark.parametrize("weighting", ["learned", "return_filter"])
-def test_micro_batch_split_gives_the_same_run(weighting, make_module, fit_module, make_items):
+def test_micro_batch_split_gives_the_same_run(weighting, make_module, fit_module, make_items, assert_same_runs):
     data = make_items(steps=3, batch_size=8)
     runs = []
     for micro in (None, 4, 1):
@@ -106,9 +106,7 @@ def test_micro_batch_split_gives_the_same_run(weighting, make_module, fit_module
                              hypergradient=HypergradientOptions(normalize=False))
         fit_module(module, data)
         runs.append(module)
-    for other in runs[1:]:
-        for (n, a), (_, b) in zip(runs[0].named_parameters(), other.named_parameters()):
-            torch.testing.assert_close(a, b, rtol=0, atol=1e-6, msg=lambda m, n=n: f"{n}: {m}")
+    assert_same_runs(runs)
 
 
 def test_inner_gradient_accumulation_equals_one_big_batch(tiny_llama_config, make_module, fit_module):

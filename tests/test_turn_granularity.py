@@ -272,7 +272,7 @@ def test_learned_turn_weights_train_both_levels_with_one_weight_per_turn(make_mo
     assert float((last[3:6] - last[3]).abs().max()) > 1e-5  # turns of one row weighed apart
 
 
-def test_micro_batches_give_the_same_turn_run(make_module, fit_module, tiny_llama_config):
+def test_micro_batches_give_the_same_turn_run(make_module, fit_module, tiny_llama_config, assert_same_runs):
     vocab = tiny_llama_config["vocab_size"]
     items = [{"inner": layout_batch(vocab, seed=s), "outer": random_batch(vocab, 4, seed=100 + s)} for s in range(2)]
     runs = []
@@ -281,9 +281,7 @@ def test_micro_batches_give_the_same_turn_run(make_module, fit_module, tiny_llam
                              hypergradient=HypergradientOptions(normalize=False))
         fit_module(module, items)
         runs.append(module)
-    for other in runs[1:]:
-        for (n, a), (_, b) in zip(runs[0].named_parameters(), other.named_parameters()):
-            torch.testing.assert_close(a, b, rtol=0, atol=1e-6, msg=lambda m, n=n: f"{n}: {m}")
+    assert_same_runs(runs)
 
 
 @pytest.mark.parametrize("weighting", sorted(name for name, cls in WEIGHTINGS.items()
