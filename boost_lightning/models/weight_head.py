@@ -77,6 +77,12 @@ class WeightHead(nn.Module):
             aligned with a real validation set, so under ``all`` a one-step lookahead tends to pile the mass onto the
             few real rows (a collapse of the effective sample size towards ``real_only``); ``synthetic`` leaves them
             at plain SFT's weight and spends the head on ranking the synthetic pool.
+        min_ess: ESS floor, a fraction of the batch in (0, 1]: weights whose effective sample size falls below
+            ``min_ess`` · B are mixed with uniform, w ← (1 − λ)w + λ, with the smallest λ that lifts the ESS to the
+            floor (closed form, differentiable: :func:`ess_floor`). Applied after ``clip``, to the rows the head
+            normalises (the synthetic rows only under ``reweight="synthetic"``). Unlike the ``ess`` regulariser,
+            which pulls the head's parameters, it holds on every batch, including before the head has learned.
+            ``None``: no floor.
         seed: Seed of the head's random initialisation (the same config gives the same head). ``None`` (default): the
             seed given to ``seed_everything`` (``--seed_everything`` on the command line), or 0 without one.
     """
@@ -94,6 +100,7 @@ class WeightHead(nn.Module):
         regularizer: str = "none",
         regularizer_strength: float = 0.0,
         reweight: str = "all",
+        min_ess: float | None = None,
         seed: int | None = None,
     ) -> None:
         super().__init__()
@@ -109,11 +116,13 @@ class WeightHead(nn.Module):
             raise ValueError("temperature must be > 0")
         if clip is not None and clip <= 1.0:
             raise ValueError("clip must be > 1 (weights have mean 1)")
+        if min_ess is not None and not 0 < min_ess <= 1:
+            raise ValueError(f"min_ess must be in (0, 1] (a fraction of the batch), got {min_ess}")
         self.features = validate_feature_names(features)
         self.scalar_names = tuple(n for n in self.features if n != "hidden")
         self.normalization, self.temperature, self.clip = normalization, temperature, clip
         self.regularizer, self.regularizer_strength = regularizer, regularizer_strength
-        self.reweight = reweight
+        self.reweight, self.min_ess = reweight, min_ess
         self.hidden_projection, self.mlp_width, self.num_layers = hidden_projection, mlp_width, num_layers
         # Resolved now: the layers are built later (bind), when the global seed may have been set again.
         self.seed = int(os.environ.get("PL_GLOBAL_SEED", 0)) if seed is None else seed
@@ -201,6 +210,8 @@ class WeightHead(nn.Module):
                 free = weights.masked_fill(capped, 0.0)
                 scale = (batch - self.clip * capped.sum()) / free.sum()
                 weights = torch.where(capped, torch.full_like(weights, self.clip), free * scale)
+        if self.min_ess is not None:
+            weights = ess_floor(weights, self.min_ess)
         return weights
 
     def forward(self, scalars: Tensor, pooled: Tensor | None = None, synthetic: Tensor | None = None) -> Tensor:
@@ -218,6 +229,22 @@ class WeightHead(nn.Module):
             entropy = -(p * torch.log(p.clamp(min=1e-12))).sum()
             penalty = 1.0 - entropy / torch.log(torch.tensor(float(max(weights.shape[0], 2))))
         return self.regularizer_strength * penalty
+
+
+def ess_floor(weights: Tensor, fraction: float) -> Tensor:
+    """``weights`` [B] (mean 1) mixed with uniform just enough that their Kish ESS is at least ``fraction`` · B.
+
+    With mean 1, Σ((1 − λ)w + λ)² = (1 − λ)²(Σw² − B) + B, so ESS = B·fraction is reached at
+    λ = 1 − √((B/fraction − B) / (Σw² − B)); weights already above the floor are returned as they are. λ is a
+    function of the weights, so gradients flow through it.
+    """
+    batch = weights.shape[0]
+    squares = weights.pow(2).sum()
+    target = batch / fraction  # the largest Σw² the floor allows
+    if batch < 2 or bool(squares <= target):
+        return weights
+    keep = torch.sqrt((target - batch) / (squares - batch))  # 1 − λ, in [0, 1)
+    return keep * weights + (1 - keep)
 
 
 def effective_sample_size(weights: Tensor) -> Tensor:

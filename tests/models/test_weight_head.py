@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from boost_lightning.models import WeightHead, effective_sample_size
+from boost_lightning.models import WeightHead, effective_sample_size, ess_floor
 from boost_lightning.models.features import SCALAR_FEATURES
 
 
@@ -92,6 +92,39 @@ def test_reweight_synthetic_keeps_real_rows_at_one_and_normalises_the_synthetic_
         head.normalize(torch.randn(3))
     with pytest.raises(ValueError, match="reweight"):
         WeightHead(reweight="real")
+
+
+def test_ess_floor_mixes_with_uniform_just_enough_by_hand():
+    # Σw² = 7 for B = 4 (ESS 16/7 ≈ 0.57·B). A floor of 0.75·B allows Σw² ≤ 16/3:
+    # (1 − λ)² = (16/3 − 4) / (7 − 4) = 4/9, λ = 1/3, w' = (2/3)w + 1/3.
+    w = torch.tensor([2.5, 0.5, 0.5, 0.5])
+    floored = ess_floor(w, 0.75)
+    torch.testing.assert_close(floored, torch.tensor([2.0, 2 / 3, 2 / 3, 2 / 3]))
+    assert effective_sample_size(floored).item() == pytest.approx(3.0)
+    assert ess_floor(w, 0.5) is w  # already above the floor: untouched
+    torch.testing.assert_close(ess_floor(w, 1.0), torch.ones(4))
+    # Differentiable through the mixing coefficient too (it depends on the weights).
+    x = torch.tensor([2.5, 0.7, 0.5, 0.3], dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda v: ess_floor(v, 0.9), (x,))
+
+
+@pytest.mark.parametrize("reweight", ["all", "synthetic"])
+def test_min_ess_holds_the_floor_on_the_rows_the_head_normalises(reweight):
+    scores = torch.tensor([4.0, 0.0, 3.0, -1.0, 0.5, 2.0])
+    synthetic = torch.tensor([0, 1, 1, 1, 1, 1])
+    free = WeightHead(hidden_size=16, reweight=reweight).normalize(scores, synthetic)
+    floored = WeightHead(hidden_size=16, reweight=reweight, min_ess=0.8).normalize(scores, synthetic)
+    rows = slice(None) if reweight == "all" else slice(1, None)
+    n = floored[rows].shape[0]
+    assert effective_sample_size(free[rows]).item() < 0.8 * n
+    assert effective_sample_size(floored[rows]).item() == pytest.approx(0.8 * n, rel=1e-5)
+    assert floored[rows].mean().item() == pytest.approx(1.0)
+    # The order of the rows is kept; only the spread shrinks.
+    assert torch.equal(floored[rows].argsort(), free[rows].argsort())
+    if reweight == "synthetic":
+        assert floored[0].item() == 1.0
+    with pytest.raises(ValueError, match="min_ess"):
+        WeightHead(min_ess=1.5)
 
 
 def test_ess_and_entropy_regularisers_vanish_at_uniform_and_grow_with_concentration():
