@@ -79,6 +79,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--readme", default=None, metavar="PATH",
                         help="also rewrite the benchmark section of this README (between its bench:results markers) "
                              "from the results, with the plots copied to docs/bench/")
+    parser.add_argument("--compare", default=None, metavar="NAMES",
+                        help="comma list of suites under --out that vary this one (run with an --override and their "
+                             "own --name): print and write variants.md, each variant's methods against the same "
+                             "method and uniform of this suite, paired by seed, with the training time ratio")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     return parser
 
@@ -189,6 +193,14 @@ def main(argv: list[str] | None = None) -> int:
     print(console_table(frame_from_records(records)))
     print(f"wrote {out_dir / 'results.csv'}, {out_dir / 'results.md'} and {len(plots)} plots "
           f"({', '.join(p.name for p in plots)}); TensorBoard: tensorboard --logdir {out_dir / 'tb'}")
+    if args.compare:
+        from boost_lightning.bench.report import load_frame, variant_markdown, variant_table
+
+        names = [n.strip() for n in args.compare.split(",") if n.strip()]
+        table = variant_markdown(variant_table(frame_from_records(records),
+                                               {n: load_frame(Path(args.out) / n) for n in names}))
+        (out_dir / "variants.md").write_text(f"Command: `{command}`\n\n{table}\n")
+        print(table)
     if args.readme:
         readme = Path(args.readme)
         docs = readme.parent / "docs" / "bench"

@@ -443,6 +443,61 @@ def utility_table(frame: pd.DataFrame, n_boot: int = N_BOOT, seed: int = 0) -> p
     return table
 
 
+def variant_table(base: pd.DataFrame, variants: Mapping[str, pd.DataFrame], n_boot: int = N_BOOT,
+                  seed: int = 0) -> pd.DataFrame:
+    """Suites run with an option changed (``--override``, own ``--name``) against the suite they vary, paired by seed.
+
+    Per variant, task and method of the variant's main runs: mean ``success``; ``vs_base``, the paired difference to
+    the same method of ``base`` (the previous default) with its interval; ``vs_uniform``, the paired difference to
+    ``base``'s ``uniform``; the paired test-NLL difference to the base method; the mean pool ESS fraction; and
+    ``time_ratio``, the variant's mean training time over the base method's on the same seeds (its cost).
+
+    Args:
+        base: Runs of the suite the variants change (as from :func:`load_frame`).
+        variants: Variant name → its runs.
+        n_boot: Bootstrap samples per interval.
+        seed: Seed of every bootstrap.
+
+    Returns:
+        One row per (variant, task, method), in the order of ``variants``, tasks sorted.
+    """
+    rows = []
+    base_main = _main(base)
+    for name, frame in variants.items():
+        for (task, method), group in _main(frame).groupby(["task", "method"], sort=True):
+            reference = base_main[base_main["task"] == task]
+            success = group.groupby("seed")["success_rate"].mean()
+            same = reference[reference["method"] == method].groupby("seed")
+            uniform = reference[reference["method"] == "uniform"].groupby("seed")["success_rate"].mean()
+            d, lo, hi = paired_bootstrap(success, same["success_rate"].mean(), n_boot, seed)
+            du, ulo, uhi = paired_bootstrap(success, uniform, n_boot, seed)
+            dn, nlo, nhi = paired_bootstrap(group.groupby("seed")["test_nll"].mean(), same["test_nll"].mean(),
+                                            n_boot, seed)
+            times = _align(group.groupby("seed")["train_seconds"].mean(), same["train_seconds"].mean())
+            pool_ess = group["pool_ess_fraction"] if "pool_ess_fraction" in group else pd.Series(dtype=float)
+            rows.append({"variant": name, "task": task, "method": method, "n": len(success),
+                         "success": float(success.mean()), "vs_base": d, "vs_base_low": lo, "vs_base_high": hi,
+                         "vs_uniform": du, "vs_uniform_low": ulo, "vs_uniform_high": uhi, "nll_vs_base": dn,
+                         "nll_vs_base_low": nlo, "nll_vs_base_high": nhi, "pool_ess": _mean(pool_ess.dropna()),
+                         "time_ratio": float(times[0].mean() / times[1].mean()) if times[0].size else math.nan})
+    return pd.DataFrame(rows)
+
+
+def variant_markdown(table: pd.DataFrame) -> str:
+    """:func:`variant_table` as a markdown table (differences in points, NLL in nats)."""
+    display = pd.DataFrame({
+        "variant": table["variant"], "task": table["task"], "method": [f"`{m}`" for m in table["method"]],
+        "seeds": table["n"].astype(str), "success %": [_pct(v) for v in table["success"]],
+        "Δ base (points)": [_interval(*v) for v in zip(table["vs_base"], table["vs_base_low"], table["vs_base_high"])],
+        "Δ uniform (points)": [_interval(*v) for v in zip(table["vs_uniform"], table["vs_uniform_low"],
+                                                           table["vs_uniform_high"])],
+        "Δ test NLL vs base": [_interval(*v, scale=1.0, digits=3) for v in zip(
+            table["nll_vs_base"], table["nll_vs_base_low"], table["nll_vs_base_high"])],
+        "pool ESS": [_num(v) for v in table["pool_ess"]], "time × base": [_num(v) for v in table["time_ratio"]],
+    })
+    return markdown_table(display)
+
+
 def learned_generator_weights(frame: pd.DataFrame, task: str) -> pd.Series:
     """``learned``'s mean normalised weight per generator on ``task`` (pool ``all``), averaged over seeds.
 

@@ -30,6 +30,8 @@ from boost_lightning.bench.report import (
     probability_of_improvement,
     spearman,
     utility_table,
+    variant_markdown,
+    variant_table,
     weight_analysis,
     write_readme_section,
     write_reports,
@@ -329,3 +331,21 @@ def test_package_imports_without_the_bench_dependencies():
             "print(sorted(m for m in ('pandas', 'scipy', 'tabulate', 'rliable') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
+
+
+def test_a_variant_is_compared_with_the_same_method_and_uniform_of_the_suite_it_varies_by_seed():
+    base = frame_from_records([record("maze", m, s, v, nll=1.0 + s) for m, values in MAZE.items()
+                               for s, v in enumerate(values)])
+    variant_rows = [record("maze", "learned", s, v, nll=0.9 + s) for s, v in enumerate((0.70, 0.90))]
+    for r, seconds, ess in zip(variant_rows, (3.0, 5.0), (0.4, 0.6)):
+        r["row"].update(train_seconds=seconds, pool_ess_fraction=ess)
+    table = variant_table(base, {"opt": frame_from_records(variant_rows)}, n_boot=200)
+    (row,) = table.to_dict("records")
+    # Seeds 0 and 1 only: learned was 0.60 / 0.70, uniform 0.40 / 0.50.
+    assert (row["variant"], row["task"], row["method"], row["n"]) == ("opt", "maze", "learned", 2)
+    assert row["vs_base"] == pytest.approx(0.15) and row["vs_uniform"] == pytest.approx(0.35)
+    assert row["vs_base_low"] == pytest.approx(0.10) and row["vs_base_high"] == pytest.approx(0.20)
+    assert row["nll_vs_base"] == pytest.approx(-0.1)
+    assert row["time_ratio"] == pytest.approx(2.0) and row["pool_ess"] == pytest.approx(0.5)
+    text = variant_markdown(table)
+    assert "| opt" in text and "+15.0 [+10.0, +20.0]" in text and "2.00" in text
