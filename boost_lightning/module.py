@@ -229,6 +229,8 @@ class BoostModule(LightningModule):
             # ---- outer level: hypergradient → head: zero_grad → backward → clip → step ---------------------------
             if cycle.outer:
                 hypergrad = self._hypergradient(inner, outer, out, rows, weights[rows.local])
+                if hypergrad.val_pooled is not None:  # after this step's weights: no row sees its own step's batch
+                    self.weighting.observe_validation(hypergrad.val_pooled)
                 if cycle.head_zero:
                     head_opt.zero_grad()
                 self._outer_backward(rows, hypergrad)

@@ -79,12 +79,14 @@ class Hypergradient:
         val_loss: Validation loss at the point where v was taken (detached scalar).
         v_norm: ‖∇L_val‖ over the trainable parameters (detached scalar).
         directional: [B] ⟨∇L_val, ∇ℓᵢ⟩ estimates (detached).
+        val_pooled: [V, H] pooled hidden states of the validation rows (detached), when the caller collects them.
     """
 
     grad_weights: Tensor
     val_loss: Tensor
     v_norm: Tensor
     directional: Tensor
+    val_pooled: Tensor | None = None
 
     def is_finite(self) -> bool:
         """True when every returned quantity is finite (a non-finite one must never reach the head)."""

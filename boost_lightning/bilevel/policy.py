@@ -61,8 +61,15 @@ def policy_hypergradient(
     num_inner, num_val = (int(n) for n in dp.all_reduce_sum(torch.tensor(
         [multiplier.shape[0], outer["input_ids"].shape[0]], device=multiplier.device)))
     inner_fn = lambda p: policy.functional_losses(inner, p, granularity) * multiplier  # noqa: E731
-    # This rank's term of the global mean validation loss; `all_reduce` sums the terms (and their gradients).
-    val_fn = lambda p: policy.functional_losses(outer, p).sum() / num_val  # noqa: E731
+    seen: dict[str, Tensor] = {}
+
+    def val_fn(p: Mapping[str, Tensor]) -> Tensor:
+        # This rank's term of the global mean validation loss; `all_reduce` sums the terms (and their gradients).
+        # The validation rows' pooled states come with the forward for free (the head's validation similarity).
+        out = policy.trajectory_forward(outer, p, aux=False)
+        seen["pooled"] = out.pooled
+        return out.loss.sum() / num_val
+
     all_reduce = dp.all_reduce_sum if dp.is_distributed() else None
     if options.method == "exact":
         weights = torch.ones_like(multiplier) if weights is None else weights
@@ -76,5 +83,7 @@ def policy_hypergradient(
                                           precondition=precondition)
     # Sync point: every rank's units, so that the head sees the global batch (N·2 floats).
     table, _ = dp.all_gather_rows(torch.stack([local.grad_weights, local.directional], dim=1))
+    # Sync point: the validation rows' pooled states of every rank (V·H floats).
+    val_pooled, _ = dp.all_gather_rows(seen["pooled"].float())
     return Hypergradient(grad_weights=table[:, 0], val_loss=local.val_loss, v_norm=local.v_norm,
-                         directional=table[:, 1])
+                         directional=table[:, 1], val_pooled=val_pooled)

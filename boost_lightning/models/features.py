@@ -23,7 +23,10 @@ SCALAR_FEATURES = ("loss", "surprise", "reward", "source", "length", "turns")
 #: Scalar features that tell the turns of one trajectory apart (stacked after :data:`SCALAR_FEATURES`; constant for
 #: whole trajectories, so they are off by default).
 TURN_FEATURES = ("position",)
-ALL_FEATURES = ("hidden", *SCALAR_FEATURES, *TURN_FEATURES)
+#: Scalar features relative to the validation set (opt-in): ``val_similarity``, the cosine of a unit's pooled state to
+#: the running centroid of the validation rows' pooled states (:meth:`WeightHead.observe_validation`).
+VALIDATION_FEATURES = ("val_similarity",)
+ALL_FEATURES = ("hidden", *SCALAR_FEATURES, *TURN_FEATURES, *VALIDATION_FEATURES)
 
 
 def validate_feature_names(names: Sequence[str]) -> tuple[str, ...]:
@@ -41,8 +44,9 @@ def scalar_features(out: TrajectoryOutput, batch: Mapping[str, Tensor], names: S
 
     ``loss`` is the agent-token NLL, ``surprise`` the observation-token NLL (environment replies the policy
     did not expect: shifted tasks and hallucinating simulators stand out there), ``length`` is log(1+tokens)
-    (the row's tokens; a turn's agent tokens), ``turns`` the row's number of agent turns and ``position`` a turn's
-    index within its row (0 for a whole trajectory).
+    (the row's tokens; a turn's agent tokens), ``turns`` the row's number of agent turns, ``position`` a turn's
+    index within its row (0 for a whole trajectory) and ``val_similarity`` the batch column of that name (the head's
+    similarity of each unit to the validation set, :meth:`WeightHead.validation_similarity`).
     """
     columns = {
         "loss": lambda: out.loss.detach(),
@@ -52,6 +56,7 @@ def scalar_features(out: TrajectoryOutput, batch: Mapping[str, Tensor], names: S
         "length": lambda: torch.log1p(batch["length"].float()),
         "turns": lambda: batch["num_turns"].float(),
         "position": lambda: batch["position"] if "position" in batch else torch.zeros_like(out.loss),
+        "val_similarity": lambda: batch["val_similarity"],
     }
     picked = [columns[n]().float() for n in names if n in columns]
     if not picked:

@@ -233,8 +233,9 @@ class PolicyModel(nn.Module):
         Args:
             batch: Collated batch with ``input_ids``, ``attention_mask``, ``labels`` and ``obs_mask``.
             params: Optional replacement values for (some of) the LoRA parameters, evaluated functionally.
-            aux: Also compute surprise, pooled state and accuracy. Without it only agent positions reach the LM
-                head (the hypergradient's probes need the loss alone); the other fields are then empty.
+            aux: Also compute surprise and accuracy. Without it only agent positions reach the LM head (the
+                hypergradient's probes need the loss alone) and those fields are empty; a row's pooled state (a masked
+                mean, negligible next to the forward) is still returned at trajectory granularity.
             granularity: ``trajectory``: one unit per row. ``turn``: one unit per assistant turn, a maximal run of
                 agent positions (``labels != -100``) of a row (:func:`find_turns`).
         """
@@ -265,16 +266,17 @@ class PolicyModel(nn.Module):
         loss = torch.zeros(batch_size, dtype=nll.dtype, device=nll.device).index_add(
             0, rows[is_agent], nll[is_agent]
         ) / agent_count
+        with torch.no_grad():
+            mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
+            pooled = ((hidden * mask).sum(1) / mask.sum(1).clamp(min=1)).float()
         if not aux:
             empty = loss.new_zeros(0)
-            return TrajectoryOutput(loss=loss, surprise=empty, pooled=empty, correct=empty)
+            return TrajectoryOutput(loss=loss, surprise=empty, pooled=pooled.detach(), correct=empty)
         with torch.no_grad():
             obs_count = obs.sum(1).clamp(min=1).to(nll.dtype)
             surprise = torch.zeros_like(loss).index_add(0, rows[~is_agent], nll[~is_agent].detach()) / obs_count
             hit = (logits.argmax(-1) == tokens) & is_agent
             correct = torch.zeros_like(loss).index_add(0, rows, hit.to(loss.dtype))
-            mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
-            pooled = ((hidden * mask).sum(1) / mask.sum(1).clamp(min=1)).float()
         return TrajectoryOutput(loss=loss, surprise=surprise, pooled=pooled.detach(), correct=correct)
 
     def functional_losses(self, batch: Mapping[str, Tensor], params: Mapping[str, Tensor],

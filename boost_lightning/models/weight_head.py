@@ -59,7 +59,10 @@ class WeightHead(nn.Module):
         features: Features the head sees, any of ``hidden`` (pooled policy hidden state), ``loss`` (agent-token
             NLL), ``surprise`` (observation-token NLL), ``reward`` (trajectory return), ``source`` (1 for
             synthetic), ``length`` (log token count), ``turns`` (agent turns), ``position`` (a turn's index within its
-            trajectory: worth adding with ``granularity: turn``; always 0 for whole trajectories). At turn
+            trajectory: worth adding with ``granularity: turn``; always 0 for whole trajectories), ``val_similarity``
+            (cosine of the pooled state to the running centroid of the validation rows' pooled states, from the
+            outer step's validation forward at no extra cost; 0 until the first outer step: rows whose agent turns
+            look plausible but sit away from the real validation data in the policy's own feature space). At turn
             granularity each feature is the turn's (its NLL, the surprise of the reply it got, its pooled state, its
             agent tokens); return, source and turns are its trajectory's.
         hidden_size: Size of the policy's hidden state; filled in from the policy when left unset.
@@ -83,6 +86,9 @@ class WeightHead(nn.Module):
             normalises (the synthetic rows only under ``reweight="synthetic"``). Unlike the ``ess`` regulariser,
             which pulls the head's parameters, it holds on every batch, including before the head has learned.
             ``None``: no floor.
+        validation_momentum: With the ``val_similarity`` feature: the weight of each outer step's validation batch
+            in the running centroid of the validation rows' pooled states (an exponential moving average, so the
+            centroid follows the policy's features as they train; the first batch sets it).
         seed: Seed of the head's random initialisation (the same config gives the same head). ``None`` (default): the
             seed given to ``seed_everything`` (``--seed_everything`` on the command line), or 0 without one.
     """
@@ -101,6 +107,7 @@ class WeightHead(nn.Module):
         regularizer_strength: float = 0.0,
         reweight: str = "all",
         min_ess: float | None = None,
+        validation_momentum: float = 0.1,
         seed: int | None = None,
     ) -> None:
         super().__init__()
@@ -116,13 +123,15 @@ class WeightHead(nn.Module):
             raise ValueError("temperature must be > 0")
         if clip is not None and clip <= 1.0:
             raise ValueError("clip must be > 1 (weights have mean 1)")
+        if not 0 < validation_momentum <= 1:
+            raise ValueError(f"validation_momentum must be in (0, 1], got {validation_momentum}")
         if min_ess is not None and not 0 < min_ess <= 1:
             raise ValueError(f"min_ess must be in (0, 1] (a fraction of the batch), got {min_ess}")
         self.features = validate_feature_names(features)
         self.scalar_names = tuple(n for n in self.features if n != "hidden")
         self.normalization, self.temperature, self.clip = normalization, temperature, clip
         self.regularizer, self.regularizer_strength = regularizer, regularizer_strength
-        self.reweight, self.min_ess = reweight, min_ess
+        self.reweight, self.min_ess, self.validation_momentum = reweight, min_ess, validation_momentum
         self.hidden_projection, self.mlp_width, self.num_layers = hidden_projection, mlp_width, num_layers
         # Resolved now: the layers are built later (bind), when the global seed may have been set again.
         self.seed = int(os.environ.get("PL_GLOBAL_SEED", 0)) if seed is None else seed
@@ -147,6 +156,10 @@ class WeightHead(nn.Module):
             self._build(hidden_size)
 
     def _build(self, hidden_size: int) -> None:
+        if "val_similarity" in self.features:
+            # A buffer: checkpointed with the head, restored with the other running statistics when a step is skipped.
+            self.register_buffer("val_centroid", torch.zeros(hidden_size))
+            self.register_buffer("val_seen", torch.zeros((), dtype=torch.bool))
         in_dim = len(self.scalar_names)
         if self.uses_hidden:
             # LayerNorm without affine: pooled states of different models live on very different scales.
@@ -172,6 +185,22 @@ class WeightHead(nn.Module):
                 raise ValueError("this head uses the 'hidden' feature but no pooled state was given")
             parts.insert(0, self.project(pooled.float()))
         return self.mlp(torch.cat(parts, dim=1)).squeeze(1)
+
+    def observe_validation(self, pooled: Tensor) -> None:
+        """Fold an outer step's validation pooled states [V, H] into the running centroid (``val_similarity`` only)."""
+        if "val_similarity" not in self.features or pooled.numel() == 0:
+            return
+        with torch.no_grad():
+            mean = pooled.float().mean(0).to(self.val_centroid.device)
+            rate = self.validation_momentum if bool(self.val_seen) else 1.0
+            self.val_centroid.mul_(1 - rate).add_(rate * mean)
+            self.val_seen.fill_(True)
+
+    def validation_similarity(self, pooled: Tensor) -> Tensor:
+        """[B] cosine of each pooled state [B, H] to the validation centroid; 0 before the first outer step."""
+        if not bool(self.val_seen):
+            return pooled.new_zeros(pooled.shape[0])
+        return torch.nn.functional.cosine_similarity(pooled.float(), self.val_centroid[None].to(pooled.device), dim=1)
 
     def observe(self, scalars: Tensor) -> None:
         """Fold a training batch's raw scalar features into the running feature statistics (once per batch)."""

@@ -80,6 +80,10 @@ class Weighting(nn.Module):
         w = torch.exp(scores.float() - scores.float().max())
         return w / w.mean().clamp(min=1e-30)
 
+    def observe_validation(self, pooled: Tensor) -> None:
+        """The validation rows' pooled states [V, H] of an outer step (gathered: the same on every rank). Default:
+        ignored."""
+
     def select(self, rows: Mapping[str, Sequence[Any]]) -> list[bool] | None:
         """The training rows this weighting can give a non-zero weight, decided once from the rows themselves.
 

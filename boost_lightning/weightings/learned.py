@@ -42,10 +42,15 @@ class Learned(Weighting):
 
     def inputs(self, out: TrajectoryOutput, batch: Mapping[str, Tensor]) -> Tensor:
         """[b, k + 1 (+ H)]: the head's scalar features, the source flag, and the pooled hidden state if used."""
+        if "val_similarity" in self.head.scalar_names:
+            batch = {**batch, "val_similarity": self.head.validation_similarity(out.pooled)}
         columns = [scalar_features(out, batch, self.head.scalar_names), batch["is_synthetic"].float().unsqueeze(1)]
         if self.head.uses_hidden:
             columns.append(out.pooled.detach().float())
         return torch.cat(columns, dim=1)
+
+    def observe_validation(self, pooled: Tensor) -> None:
+        self.head.observe_validation(pooled)
 
     def _split(self, inputs: Tensor) -> tuple[Tensor, Tensor | None, Tensor]:
         k = len(self.head.scalar_names)
