@@ -227,6 +227,25 @@ def tiny_cli_model(tiny_llama_config) -> dict:
 
 
 @pytest.fixture()
+def tiny_cli_config(tmp_path, tiny_tokenizer, tiny_cli_model, monkeypatch):
+    """``make(data, trainer=None, model=None)``: the config (a dict) of a tiny CPU CLI run in ``tmp_path``, which
+    becomes the current directory and holds the saved tiny tokenizer; ``data`` gives the split specs and any other
+    data option, ``trainer`` and ``model`` are merged over the defaults."""
+    monkeypatch.delenv("PL_GLOBAL_SEED", raising=False)
+    monkeypatch.chdir(tmp_path)
+    tiny_tokenizer.save_pretrained(tmp_path / "tokenizer")
+
+    def make(data: dict, trainer: dict | None = None, model: dict | None = None) -> dict:
+        return {"seed_everything": 0,
+                "trainer": {"accelerator": "cpu", "num_sanity_val_steps": 0, "limit_val_batches": 0, **(trainer or {})},
+                "model": {**tiny_cli_model, **(model or {})},
+                "data": {"tokenizer": str(tmp_path / "tokenizer"), "batch_size": 4, "validation_batch_size": 2,
+                         "max_length": 128, "cache_dir": str(tmp_path / "cache"), **data}}
+
+    return make
+
+
+@pytest.fixture()
 def make_items(tiny_llama_config):
     """``make_items(steps=4, batch_size=4, seed=0)``: training items of random tokens in the tiny Llama's vocabulary."""
 

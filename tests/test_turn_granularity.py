@@ -342,25 +342,16 @@ def test_predict_writes_one_record_per_row_with_its_turn_weights(tmp_path, make_
     assert len({round(w, 9) for r in rows for w in r["turn_weights"]}) == sum(turns)
 
 
-def test_command_line_granularity_turn_fits(tmp_path, make_row, write_jsonl, tiny_tokenizer, tiny_cli_model,
-                                            monkeypatch, capsys):
+def test_command_line_granularity_turn_fits(tmp_path, make_row, write_jsonl, tiny_cli_config, capsys):
     from boost_lightning.cli import cli_main
 
-    monkeypatch.delenv("PL_GLOBAL_SEED", raising=False)
-    monkeypatch.chdir(tmp_path)
-    tiny_tokenizer.save_pretrained(tmp_path / "tokenizer")
-    config = {
-        "seed_everything": 0,
-        "trainer": {"accelerator": "cpu", "max_steps": 10, "num_sanity_val_steps": 0, "limit_val_batches": 0,
-                    "logger": False, "enable_checkpointing": False, "enable_progress_bar": False,
-                    "enable_model_summary": False},
-        "model": {**tiny_cli_model, "max_inner_steps": 2},
-        "data": {"real": write_jsonl("real.jsonl", [make_row(i, turns=1 + i % 3, source="real") for i in range(4)]),
-                 "synthetic": write_jsonl("synthetic.jsonl", [make_row(100 + i, turns=1 + i % 3) for i in range(8)]),
-                 "validation": write_jsonl("validation.jsonl", [make_row(200 + i) for i in range(4)]),
-                 "tokenizer": str(tmp_path / "tokenizer"), "batch_size": 4, "validation_batch_size": 2,
-                 "max_length": 128, "cache_dir": str(tmp_path / "cache")},
-    }
+    config = tiny_cli_config(
+        data={"real": write_jsonl("real.jsonl", [make_row(i, turns=1 + i % 3, source="real") for i in range(4)]),
+              "synthetic": write_jsonl("synthetic.jsonl", [make_row(100 + i, turns=1 + i % 3) for i in range(8)]),
+              "validation": write_jsonl("validation.jsonl", [make_row(200 + i) for i in range(4)])},
+        trainer={"max_steps": 10, "logger": False, "enable_checkpointing": False, "enable_progress_bar": False,
+                 "enable_model_summary": False},
+        model={"max_inner_steps": 2})
     (tmp_path / "config.yaml").write_text(json.dumps(config))
     cli = cli_main(["fit", "--config", "config.yaml", "--model.granularity", "turn"])
     assert cli.model.granularity == "turn" and cli.model.hparams.granularity == "turn"

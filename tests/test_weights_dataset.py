@@ -303,24 +303,13 @@ def test_format_follows_the_suffix_unless_given_and_a_foreign_directory_is_not_r
 
 
 # ---- the documented two-command path on the command line ------------------------------------------------------------
-def test_score_with_boost_then_train_on_the_weights_from_the_command_line(inputs, tiny_tokenizer, tiny_cli_model,
-                                                                          tmp_path, monkeypatch):
-    monkeypatch.delenv("PL_GLOBAL_SEED", raising=False)
-    monkeypatch.chdir(tmp_path)
-    tiny_tokenizer.save_pretrained(tmp_path / "tokenizer")
-    config = {
-        "seed_everything": 0,
-        "trainer": {"accelerator": "cpu", "max_steps": 6, "num_sanity_val_steps": 0, "limit_val_batches": 0,
-                    "log_every_n_steps": 1, "callbacks": [{"class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
-                                                           "init_args": {"save_last": True}}]},
-        "model": {
-            **tiny_cli_model,
-            "head_optimizer": {"class_path": "torch.optim.Adam", "init_args": {"lr": 0.05}},
-        },
-        "data": {"real": inputs["real"], "synthetic": inputs["synthetic"], "validation": inputs["validation"],
-                 "tokenizer": str(tmp_path / "tokenizer"), "batch_size": 4, "validation_batch_size": 2,
-                 "max_length": 128, "cache_dir": str(tmp_path / "cache")},
-    }
+def test_score_with_boost_then_train_on_the_weights_from_the_command_line(inputs, tiny_cli_config, tmp_path):
+    config = tiny_cli_config(
+        data={split: inputs[split] for split in ("real", "synthetic", "validation")},
+        trainer={"max_steps": 6, "log_every_n_steps": 1,
+                 "callbacks": [{"class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
+                                "init_args": {"save_last": True}}]},
+        model={"head_optimizer": {"class_path": "torch.optim.Adam", "init_args": {"lr": 0.05}}})
     (tmp_path / "config.yaml").write_text(json.dumps(config))
     cli_main(["fit", "--config", "config.yaml", *QUIET])
 
