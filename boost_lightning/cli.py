@@ -72,8 +72,7 @@ class BoostCLI(LightningCLI):
     def instantiate_classes(self) -> None:
         """As LightningCLI's, except that ``fit --data.report_only true`` builds the data module alone: the report
         needs no model, trainer or logger, so it costs no model download or initialisation and writes nothing."""
-        config = self.config.get(str(self.subcommand), self.config) if self.subcommand else self.config
-        data = config.get("data")
+        data = self._get(self.config, "data")
         if self.subcommand != "fit" or data is None or not data.get("report_only"):
             super().instantiate_classes()
             return

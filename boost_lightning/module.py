@@ -61,7 +61,7 @@ from boost_lightning.faults import (
     check_grads_finite,
 )
 from boost_lightning.models.features import unit_columns
-from boost_lightning.models.policy import PolicyModel, TrajectoryOutput
+from boost_lightning.models.policy import GRANULARITIES, PolicyModel, TrajectoryOutput
 from boost_lightning.models.weight_head import weight_statistics
 from boost_lightning.objectives import Objective, build_objective, weighted_loss
 from boost_lightning.preemption import rng_state, set_rng_state
@@ -155,8 +155,8 @@ class BoostModule(LightningModule):
         self.strict_loading = False
         self.policy = policy
         self.weighting = build_weighting(weighting)
-        if granularity not in ("trajectory", "turn"):
-            raise ValueError(f"granularity must be 'trajectory' or 'turn', got {granularity!r}")
+        if granularity not in GRANULARITIES:
+            raise ValueError(f"granularity must be one of {GRANULARITIES}, got {granularity!r}")
         if granularity not in self.weighting.granularities:
             raise ValueError(f"granularity={granularity!r} is not supported for the {type(self.weighting).__name__} "
                              f"weighting (it weighs {' or '.join(self.weighting.granularities)} units only); use "
@@ -229,8 +229,9 @@ class BoostModule(LightningModule):
             # ---- outer level: hypergradient → head: zero_grad → backward → clip → step ---------------------------
             if cycle.outer:
                 hypergrad = self._hypergradient(inner, outer, out, rows, weights[rows.local])
-                if hypergrad.val_pooled is not None:  # after this step's weights: no row sees its own step's batch
-                    self.weighting.observe_validation(hypergrad.val_pooled)
+                if self.weighting.observes_validation:  # after this step's weights: no row sees its own step's batch
+                    # Sync point: every rank's validation pooled states (V·H floats), only for a weighting reading them.
+                    self.weighting.observe_validation(dp.all_gather_rows(hypergrad.val_pooled)[0])
                 if cycle.head_zero:
                     head_opt.zero_grad()
                 self._outer_backward(rows, hypergrad)

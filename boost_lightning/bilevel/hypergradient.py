@@ -79,7 +79,8 @@ class Hypergradient:
         val_loss: Validation loss at the point where v was taken (detached scalar).
         v_norm: ‖∇L_val‖ over the trainable parameters (detached scalar).
         directional: [B] ⟨∇L_val, ∇ℓᵢ⟩ estimates (detached).
-        val_pooled: [V, H] pooled hidden states of the validation rows (detached), when the caller collects them.
+        val_pooled: [V, H] pooled hidden states of this rank's validation rows (detached), when the caller collects
+            them.
     """
 
     grad_weights: Tensor

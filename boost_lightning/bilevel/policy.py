@@ -52,7 +52,8 @@ def policy_hypergradient(
             stays the mean over validation rows of their agent-token NLL either way.
 
     Returns:
-        The hypergradient with [N] per-unit fields of the global batch, identical on every rank.
+        The hypergradient with [N] per-unit fields of the global batch, identical on every rank, and this rank's
+        validation rows' pooled states (``val_pooled``; gathered by the caller only when a weighting reads them).
     """
     params = policy.trainable_named_parameters()
     lr = options.lookahead_lr or optimizer.param_groups[0]["lr"]
@@ -83,7 +84,5 @@ def policy_hypergradient(
                                           precondition=precondition)
     # Sync point: every rank's units, so that the head sees the global batch (N·2 floats).
     table, _ = dp.all_gather_rows(torch.stack([local.grad_weights, local.directional], dim=1))
-    # Sync point: the validation rows' pooled states of every rank (V·H floats).
-    val_pooled, _ = dp.all_gather_rows(seen["pooled"].float())
     return Hypergradient(grad_weights=table[:, 0], val_loss=local.val_loss, v_norm=local.v_norm,
-                         directional=table[:, 1], val_pooled=val_pooled)
+                         directional=table[:, 1], val_pooled=seen["pooled"].float())

@@ -197,9 +197,8 @@ class WeightHead(nn.Module):
             self.val_seen.fill_(True)
 
     def validation_similarity(self, pooled: Tensor) -> Tensor:
-        """[B] cosine of each pooled state [B, H] to the validation centroid; 0 before the first outer step."""
-        if not bool(self.val_seen):
-            return pooled.new_zeros(pooled.shape[0])
+        """[B] cosine of each pooled state [B, H] to the validation centroid; 0 before the first outer step (the
+        centroid is then 0, and the cosine's norm floor makes it exactly 0)."""
         return torch.nn.functional.cosine_similarity(pooled.float(), self.val_centroid[None].to(pooled.device), dim=1)
 
     def observe(self, scalars: Tensor) -> None:

@@ -45,6 +45,7 @@ class Weighting(nn.Module):
             that knows it draws only those rows (so a batch is always full of rows that count).
         needs_hypergradient: The weights are a function of this batch's hypergradient at uniform weights (``l2rw``):
             the step computes it before asking for the weights.
+        observes_validation: Each outer step's validation pooled states are passed to :meth:`observe_validation`.
         granularities: The units it can weigh: ``trajectory`` and, where its inputs keep their meaning when each
             assistant turn is a unit (the row's columns repeated per turn, a turn's own ``length``), ``turn``.
     """
@@ -52,6 +53,8 @@ class Weighting(nn.Module):
     keeps: str = "all"
     needs_hypergradient: bool = False
     granularities: tuple[str, ...] = ("trajectory", "turn")
+    #: :meth:`observe_validation` reads the validation rows' pooled states (the step gathers them only then).
+    observes_validation: bool = False
     #: The weighting has parameters that the outer level trains through the hypergradient (``head_optimizer``).
     learns: bool = False
     #: Names of the columns of :meth:`inputs` (the features ``predict`` writes out).

@@ -49,6 +49,10 @@ class Learned(Weighting):
             columns.append(out.pooled.detach().float())
         return torch.cat(columns, dim=1)
 
+    @property
+    def observes_validation(self) -> bool:  # type: ignore[override]
+        return "val_similarity" in self.head.features
+
     def observe_validation(self, pooled: Tensor) -> None:
         self.head.observe_validation(pooled)
 
