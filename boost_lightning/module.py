@@ -62,6 +62,7 @@ from boost_lightning.faults import (
 )
 from boost_lightning.models.features import unit_columns
 from boost_lightning.models.policy import GRANULARITIES, PolicyModel, TrajectoryOutput
+from boost_lightning.models.reference import ReferenceAdapter
 from boost_lightning.models.weight_head import weight_statistics
 from boost_lightning.objectives import Objective, build_objective, weighted_loss
 from boost_lightning.preemption import rng_state, set_rng_state
@@ -168,6 +169,8 @@ class BoostModule(LightningModule):
         self.policy_optimizer, self.head_optimizer = policy_optimizer, head_optimizer
         self.policy_scheduler, self.head_scheduler = policy_scheduler, head_scheduler
         self.guard = FaultGuard(max_consecutive_faults)
+        # Built from the policy's trainable tensors once they exist (setup, or before a checkpoint loads into it).
+        self.reference: ReferenceAdapter | None = None
         self.inner_steps = 0
         self.outer_steps = 0
         self.empty_batches = 0
@@ -193,6 +196,13 @@ class BoostModule(LightningModule):
         if stage == "fit" and hasattr(datamodule, "keep_rows"):
             datamodule.keep_rows(self.weighting.select)
 
+    def configure_model(self) -> None:
+        """Build the reference adapter, for a weighting whose features read it, at the policy's current (initial)
+        tensors. Idempotent; called by the Trainer before a checkpoint is restored, and by :meth:`on_load_checkpoint`.
+        """
+        if self.weighting.needs_reference and self.reference is None:
+            self.reference = ReferenceAdapter(self.policy)
+
     # -- optimisers ---------------------------------------------------------------------------------------------
     def configure_optimizers(self) -> list[dict[str, Any]]:
         policy_params = list(self.policy.trainable_named_parameters().values())
@@ -200,6 +210,9 @@ class BoostModule(LightningModule):
         if self.weighting.learns:  # a weighting without parameters has no outer level and no optimizer
             optimizers.append(((self.head_optimizer or _default_adam)(self.weighting.parameters()),
                                self.head_scheduler))
+        if self.reference is not None:  # trained alongside the policy: the same optimizer and schedule
+            optimizers.append(((self.policy_optimizer or _default_adamw)(list(self.reference.parameters())),
+                               self.policy_scheduler))
         configs = []
         for opt, sched in optimizers:
             entry: dict[str, Any] = {"optimizer": opt}
@@ -211,12 +224,14 @@ class BoostModule(LightningModule):
     # -- training -----------------------------------------------------------------------------------------------
     def training_step(self, batch: Mapping[str, Mapping[str, Any]], batch_idx: int) -> dict[str, Tensor] | None:
         inner, outer = batch["inner"], batch["outer"]
-        policy_opt, head_opt = self._optimizers()
+        policy_opt, head_opt, reference_opt = self._optimizers()
         cycle = self.schedule.next(self.inner_steps, self.weighting.learns)
         self.guard.snapshot(self.weighting)
         try:
             # ---- inner level: losses → weights of the global batch (detached) → backward -------------------------
             out = self._forward(inner)
+            if self.reference is not None:
+                out = self._with_reference(inner, out)
             rows = self._gather_rows(out, inner)
             hypergrad = self._hypergradient(inner, outer, out, rows) if self.weighting.needs_hypergradient else None
             weights = self._weights(rows, hypergrad)
@@ -225,6 +240,14 @@ class BoostModule(LightningModule):
             inner_loss = self._inner_backward(inner, out, rows, weights)
             if cycle.last:  # checked before the head steps: a policy step that cannot happen leaves no head step
                 check_grads_finite("grad", policy_opt)
+
+            # ---- reference adapter (trusted rows only): zero_grad → backward ---------------------------------------
+            if reference_opt is not None:
+                if cycle.first:
+                    reference_opt.zero_grad()
+                self._reference_backward(inner, outer)
+                if cycle.last:
+                    check_grads_finite("grad", reference_opt)
 
             # ---- outer level: hypergradient → head: zero_grad → backward → clip → step ---------------------------
             if cycle.outer:
@@ -240,13 +263,15 @@ class BoostModule(LightningModule):
                     self._clip_and_step(head_opt, self.hparams.head_grad_clip)
                     self.outer_steps += 1
 
-            # ---- inner level: clip → step -------------------------------------------------------------------------
+            # ---- inner level (and the reference alongside): clip → step -------------------------------------------
             if cycle.last:
                 self._clip_and_step(policy_opt, self.hparams.policy_grad_clip)
+                if reference_opt is not None:
+                    self._clip_and_step(reference_opt, self.hparams.policy_grad_clip)
                 self.inner_steps += 1
                 self.guard.succeeded()
         except SkippedStep as skipped:
-            return self._skip(skipped, policy_opt, head_opt)
+            return self._skip(skipped, policy_opt, head_opt, reference_opt)
         self._log_step(rows, out, weights, inner_loss, hypergrad)
         result = {"weights": weights[rows.local], "is_synthetic": inner["is_synthetic"].detach(),
                   "hypergradient": hypergrad.grad_weights[rows.local] if hypergrad is not None else None}
@@ -260,9 +285,14 @@ class BoostModule(LightningModule):
         if self.hparams.max_inner_steps is not None and self.inner_steps >= self.hparams.max_inner_steps:
             self.trainer.should_stop = True
 
-    def _optimizers(self) -> tuple[Any, Any]:
+    def _optimizers(self) -> tuple[Any, Any, Any]:
+        """(policy, head, reference) optimizers in configure_optimizers' order; None where a level is absent."""
         optimizers = self.optimizers()
-        return tuple(optimizers) if isinstance(optimizers, list) else (optimizers, None)
+        found = list(optimizers) if isinstance(optimizers, list) else [optimizers]
+        policy = found.pop(0)
+        head = found.pop(0) if self.weighting.learns else None
+        reference = found.pop(0) if self.reference is not None else None
+        return policy, head, reference
 
     def _forward(self, inner: Mapping[str, Any]) -> TrajectoryOutput:
         micro = self.hparams.micro_batch_size
@@ -273,6 +303,17 @@ class BoostModule(LightningModule):
         with torch.no_grad():
             return _cat_outputs([self.policy.trajectory_forward(c, granularity=self.granularity)
                                  for c in _chunks(inner, micro)], micro)
+
+    @torch.no_grad()
+    def _with_reference(self, batch: Mapping[str, Any], out: TrajectoryOutput) -> TrajectoryOutput:
+        """``out`` with the reference adapter's features of the same units (one extra forward, no backward)."""
+        micro = self.hparams.micro_batch_size
+        if micro is None or micro >= batch["input_ids"].shape[0]:
+            ref = self.reference(self.policy, batch, granularity=self.granularity)
+        else:
+            ref = _cat_outputs([self.reference(self.policy, c, granularity=self.granularity)
+                                for c in _chunks(batch, micro)], micro)
+        return ReferenceAdapter.annotate(out, ref)
 
     def _gather_rows(self, out: TrajectoryOutput, inner: Mapping[str, Any]) -> _Rows:
         if out.unit_row is not None:
@@ -333,6 +374,27 @@ class BoostModule(LightningModule):
                     self._local_backward(weighted_loss(losses * multiplier[part], local_w[part], total) * scale)
         return loss_value
 
+    def _reference_backward(self, inner: Mapping[str, Any], outer: Mapping[str, Any]) -> None:
+        """Backward of the reference adapter's loss: the mean agent NLL over the trusted rows of the global step, the
+        inner batch's real rows and the validation batch (real rows, never trained on by the policy).
+
+        Each rank backpropagates its rows' sum over the global count; the gradients are summed over ranks.
+        """
+        real = ~inner["is_synthetic"].bool()
+        batches = [outer] + ([{k: v[real] for k, v in inner.items() if _is_row_tensor(v, real)}] if real.any() else [])
+        count = dp.all_reduce_sum(torch.tensor(float(sum(b["input_ids"].shape[0] for b in batches)),
+                                               device=inner["input_ids"].device))
+        params = list(self.reference.parameters())
+        total = 0.0
+        with dp.summed_gradients(params):
+            for trusted in batches:
+                losses = self.reference(self.policy, trusted, aux=False).loss
+                loss = losses.sum() / count.clamp(min=1)
+                check_finite("inner_loss", loss)
+                self._local_backward(loss / self.hparams.inner_accumulate_grad_batches)
+                total = total + loss.detach()
+        self.log("reference/loss", dp.all_reduce_sum(torch.as_tensor(total, device=count.device)))
+
     def _hypergradient(self, inner: Mapping[str, Any], outer: Mapping[str, Any], out: TrajectoryOutput, rows: _Rows,
                        weights: Tensor | None = None) -> Hypergradient:
         """∂L_val/∂wᵢ of the global inner batch's units (gathered, identical on every rank), at ``weights`` (this
@@ -372,9 +434,10 @@ class BoostModule(LightningModule):
         with wrapper.no_sync() if isinstance(wrapper, DistributedDataParallel) else contextlib.nullcontext():
             self.manual_backward(loss)
 
-    def _skip(self, skipped: SkippedStep, policy_opt, head_opt) -> None:
-        """Undo the step (both levels unchanged, the weighting's running state restored) and count it."""
-        self.guard.rollback(self.weighting, (policy_opt, head_opt))
+    def _skip(self, skipped: SkippedStep, policy_opt, head_opt, reference_opt) -> None:
+        """Undo the step (both levels and the reference unchanged, the weighting's running state restored) and count
+        it."""
+        self.guard.rollback(self.weighting, (policy_opt, head_opt, reference_opt))
         self.schedule.drop_partial_outer()
         if isinstance(skipped, EmptyBatchError):
             self.empty_batches += 1
@@ -438,6 +501,8 @@ class BoostModule(LightningModule):
         are ∝ exp(score) (the default softmax head), rows then rank by score as by the mean of their turn weights,
         which is the ``weight`` the writer gives them."""
         out = self.policy.trajectory_forward(batch, granularity=self.granularity)
+        if self.reference is not None:
+            out = self._with_reference(batch, out)
         inputs = self.weighting.inputs(out, unit_columns(batch, out))
         scores = self.weighting.scores(inputs)
         names = self.weighting.input_names
@@ -480,6 +545,7 @@ class BoostModule(LightningModule):
         }
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self.configure_model()  # before the state dict loads: its reference tensors need a module to go to
         state = checkpoint.get("boost", {})
         self._pending_rng = state.get("rng")
         self.inner_steps = state.get("inner_steps", 0)
@@ -504,6 +570,10 @@ def _default_adamw(params):
 
 def _default_adam(params):
     return torch.optim.Adam(params, lr=1e-3)
+
+
+def _is_row_tensor(value: Any, rows: Tensor) -> bool:
+    return isinstance(value, Tensor) and value.dim() > 0 and value.shape[0] == rows.shape[0]
 
 
 def _chunks(batch: Mapping[str, Any], size: int):

@@ -132,6 +132,7 @@ from boost_lightning.cli import cli_main
 out, args = sys.argv[1], sys.argv[2:]
 cli = cli_main(args, run=False)
 trainer, model = cli.trainer, cli.model
+model.configure_model()  # a reference adapter, if the head reads one, exists from here on
 trainable = {n for n, p in model.named_parameters() if p.requires_grad}
 start = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()
          if k in trainable or k.startswith("weighting.")}
@@ -195,16 +196,18 @@ def _run(base: Path, name: str, devices: int, batch: int, *extra: str) -> list[d
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("weighting", ["learned", "uniform"])
+@pytest.mark.parametrize("weighting", ["learned", "uniform", "learned_reference"])
 def test_two_process_ddp_run_equals_one_process_run_on_the_same_global_batch(ddp_setup, weighting):
     # The config's weighting is `learned` with a sigmoid head; a short name on the command line would replace it with
-    # a default (softmax) head, whose gauge direction turns rounding noise into Adam steps.
-    override = () if weighting == "learned" else ("--model.weighting", weighting)
+    # a default (softmax) head, whose gauge direction turns rounding noise into Adam steps. ``learned_reference``: the
+    # same head reading the reference adapter's features (a third set of tensors, trained on trusted rows).
+    override = {"learned": (), "uniform": ("--model.weighting", weighting), "learned_reference": (
+        "--model.weighting.init_args.head.init_args.features=[hidden,loss,excess_loss,reference_surprise]",)}[weighting]
     two = _run(ddp_setup, "two", 2, 2, *override)
     one = _run(ddp_setup, "one", 1, 4, *override)[0]
     assert two[0]["world"] == 2 and one["world"] == 1
     assert two[0]["inner_steps"] == one["inner_steps"] == 4
-    assert two[0]["outer_steps"] == one["outer_steps"] == (4 if weighting == "learned" else 0)
+    assert two[0]["outer_steps"] == one["outer_steps"] == (0 if weighting == "uniform" else 4)
     # Replicas identical, bit for bit (LoRA, head parameters and the head's running feature statistics).
     assert two[0]["state"].keys() == two[1]["state"].keys() == one["state"].keys()
     for key, value in two[0]["state"].items():
@@ -218,7 +221,8 @@ def test_two_process_ddp_run_equals_one_process_run_on_the_same_global_batch(ddp
         if ".norm." not in key and drift > 10 * HEAD_ATOL:  # parameters, not the head's feature statistics
             moved.add(key.split(".")[0])
     # Both levels moved well beyond the tolerance, so the comparison means something.
-    assert moved == ({"policy", "weighting"} if weighting == "learned" else {"policy"})
+    assert moved == {"learned": {"policy", "weighting"}, "uniform": {"policy"},
+                     "learned_reference": {"policy", "weighting", "reference"}}[weighting]
     assert two[0]["val"] == pytest.approx(one["val"], abs=ATOL)
     # predict under DDP: rank zero writes one complete file with every row once, equal to the 1-process file.
     rows2 = [json.loads(line) for line in (ddp_setup / "two" / "weights.jsonl").read_text().splitlines()]

@@ -26,7 +26,11 @@ TURN_FEATURES = ("position",)
 #: Scalar features relative to the validation set (opt-in): ``val_similarity``, the cosine of a unit's pooled state to
 #: the running centroid of the validation rows' pooled states (:meth:`WeightHead.observe_validation`).
 VALIDATION_FEATURES = ("val_similarity",)
-ALL_FEATURES = ("hidden", *SCALAR_FEATURES, *TURN_FEATURES, *VALIDATION_FEATURES)
+#: Scalar features of a reference adapter trained on trusted rows only (opt-in; the module then trains one):
+#: ``excess_loss`` (the unit's NLL under the policy minus under the reference, RHO-LOSS) and ``reference_surprise``
+#: (the observation NLL under the reference: observations the real dynamics do not produce stand out).
+REFERENCE_FEATURES = ("excess_loss", "reference_surprise")
+ALL_FEATURES = ("hidden", *SCALAR_FEATURES, *TURN_FEATURES, *VALIDATION_FEATURES, *REFERENCE_FEATURES)
 
 
 def validate_feature_names(names: Sequence[str]) -> tuple[str, ...]:
@@ -45,8 +49,9 @@ def scalar_features(out: TrajectoryOutput, batch: Mapping[str, Tensor], names: S
     ``loss`` is the agent-token NLL, ``surprise`` the observation-token NLL (environment replies the policy
     did not expect: shifted tasks and hallucinating simulators stand out there), ``length`` is log(1+tokens)
     (the row's tokens; a turn's agent tokens), ``turns`` the row's number of agent turns, ``position`` a turn's
-    index within its row (0 for a whole trajectory) and ``val_similarity`` the batch column of that name (the head's
-    similarity of each unit to the validation set, :meth:`WeightHead.validation_similarity`).
+    index within its row (0 for a whole trajectory), ``val_similarity`` the batch column of that name (the head's
+    similarity of each unit to the validation set, :meth:`WeightHead.validation_similarity`), ``excess_loss`` and
+    ``reference_surprise`` the reference adapter's fields of ``out``.
     """
     columns = {
         "loss": lambda: out.loss.detach(),
@@ -57,11 +62,20 @@ def scalar_features(out: TrajectoryOutput, batch: Mapping[str, Tensor], names: S
         "turns": lambda: batch["num_turns"].float(),
         "position": lambda: batch["position"] if "position" in batch else torch.zeros_like(out.loss),
         "val_similarity": lambda: batch["val_similarity"],
+        "excess_loss": lambda: _reference_column(out.excess_loss, "excess_loss"),
+        "reference_surprise": lambda: _reference_column(out.reference_surprise, "reference_surprise"),
     }
     picked = [columns[n]().float() for n in names if n in columns]
     if not picked:
         return out.loss.new_zeros(out.loss.shape[0], 0)
     return torch.stack(picked, dim=1).detach()
+
+
+def _reference_column(value: Tensor | None, name: str) -> Tensor:
+    if value is None:
+        raise ValueError(f"the head feature {name!r} needs the reference adapter's forward of the batch; it is "
+                         f"computed by BoostModule (ReferenceAdapter.features) when the weighting asks for it")
+    return value
 
 
 def unit_columns(batch: Mapping[str, Any], out: TrajectoryOutput) -> dict[str, Any]:

@@ -42,6 +42,9 @@ class TrajectoryOutput:
         unit_row: [U] the row of each turn (units ordered by row, then turn); None for trajectories (unit = row).
         position: [U] each turn's index within its row (0 for the first); None for trajectories.
         tokens: [U] each turn's number of agent tokens; None for trajectories.
+        excess_loss: [U] detached ``loss`` minus the reference adapter's loss of the same unit; None unless a
+            :class:`~boost_lightning.models.reference.ReferenceAdapter` scored the batch.
+        reference_surprise: [U] detached observation surprise under the reference adapter; None as ``excess_loss``.
     """
 
     loss: Tensor
@@ -51,6 +54,8 @@ class TrajectoryOutput:
     unit_row: Tensor | None = None
     position: Tensor | None = None
     tokens: Tensor | None = None
+    excess_loss: Tensor | None = None
+    reference_surprise: Tensor | None = None
 
 
 class PolicyModel(nn.Module):

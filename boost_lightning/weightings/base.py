@@ -46,6 +46,8 @@ class Weighting(nn.Module):
         needs_hypergradient: The weights are a function of this batch's hypergradient at uniform weights (``l2rw``):
             the step computes it before asking for the weights.
         observes_validation: Each outer step's validation pooled states are passed to :meth:`observe_validation`.
+        needs_reference: Its inputs read a reference adapter's forward (``TrajectoryOutput.excess_loss``,
+            ``reference_surprise``): the module trains one on trusted rows and scores every batch with it.
         granularities: The units it can weigh: ``trajectory`` and, where its inputs keep their meaning when each
             assistant turn is a unit (the row's columns repeated per turn, a turn's own ``length``), ``turn``.
     """
@@ -55,6 +57,8 @@ class Weighting(nn.Module):
     granularities: tuple[str, ...] = ("trajectory", "turn")
     #: :meth:`observe_validation` reads the validation rows' pooled states (the step gathers them only then).
     observes_validation: bool = False
+    #: :meth:`inputs` reads the reference adapter's fields of the policy output (the module then trains one).
+    needs_reference: bool = False
     #: The weighting has parameters that the outer level trains through the hypergradient (``head_optimizer``).
     learns: bool = False
     #: Names of the columns of :meth:`inputs` (the features ``predict`` writes out).

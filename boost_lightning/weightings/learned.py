@@ -10,7 +10,7 @@ from torch import Tensor
 
 from boost_lightning.bilevel.hypergradient import Hypergradient
 from boost_lightning.faults import check_finite
-from boost_lightning.models.features import scalar_features
+from boost_lightning.models.features import REFERENCE_FEATURES, scalar_features
 from boost_lightning.models.policy import TrajectoryOutput
 from boost_lightning.models.weight_head import WeightHead
 from boost_lightning.weightings.base import Weighting
@@ -48,6 +48,10 @@ class Learned(Weighting):
         if self.head.uses_hidden:
             columns.append(out.pooled.detach().float())
         return torch.cat(columns, dim=1)
+
+    @property
+    def needs_reference(self) -> bool:  # type: ignore[override]
+        return any(name in self.head.features for name in REFERENCE_FEATURES)
 
     @property
     def observes_validation(self) -> bool:  # type: ignore[override]
