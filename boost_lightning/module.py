@@ -52,6 +52,7 @@ from boost_lightning.bilevel.hypergradient import Hypergradient, HypergradientOp
 from boost_lightning.bilevel.policy import policy_hypergradient
 from boost_lightning.bilevel.schedule import BilevelSchedule
 from boost_lightning.bilevel.tradeoff import tradeoff
+from boost_lightning.data.collate import concat_batches, take_rows
 from boost_lightning.faults import (
     EmptyBatchError,
     FaultGuard,
@@ -121,6 +122,17 @@ class BoostModule(LightningModule):
             forward costs the same. Validation and test losses stay per row. ``predict`` writes one record per row
             with its ``turn_scores`` (the writer adds ``turn_weights``). Weightings whose inputs only make sense per
             trajectory (``advantage_softmax``) refuse ``turn``.
+        source_sampling: How the head's weights reach the policy. ``natural``: inner batches follow the data module's
+            mix and the weights are loss coefficients, so a scarce source the head prefers gets a large coefficient
+            on the few rows that happen to be drawn (with 1 % real rows, most batches hold none). ``weights``
+            (resampling, as DoReMi-style mixing does): the data module draws real and synthetic rows in two streams
+            and each inner batch takes round(p·B) real rows (stochastic rounding) and synthetic ones for the rest,
+            where p is the share of the weight mass the head gives real rows on the natural mix (running per-source
+            means of its unnormalised weights; the natural share until both sources have been seen). Each row's
+            weight is then multiplied by π_s/p_s (π the natural share of its source) and renormalised, so a batch's
+            expected loss is the natural mix's weighted loss: a preferred source gets more rows per batch instead of
+            a larger coefficient. Needs a weighting that resamples (``learned`` with ``reweight: all``) and real
+            rows; leave ``data.real_fraction`` unset. Logged as ``sampling/real_share`` and ``sampling/real_rows``.
     """
 
     def __init__(
@@ -143,6 +155,7 @@ class BoostModule(LightningModule):
         max_inner_steps: int | None = None,
         max_consecutive_faults: int = 10,
         granularity: Literal["trajectory", "turn"] = "trajectory",
+        source_sampling: Literal["natural", "weights"] = "natural",
     ) -> None:
         super().__init__()
         self.schedule = BilevelSchedule(inner_accumulate_grad_batches, outer_accumulate_grad_batches,
@@ -163,6 +176,13 @@ class BoostModule(LightningModule):
                              f"weighting (it weighs {' or '.join(self.weighting.granularities)} units only); use "
                              f"granularity='trajectory' or another weighting")
         self.granularity = granularity
+        if source_sampling not in ("natural", "weights"):
+            raise ValueError(f"source_sampling must be 'natural' or 'weights', got {source_sampling!r}")
+        if source_sampling == "weights" and not self.weighting.resamples:
+            raise ValueError(f"source_sampling='weights' needs a weighting that resamples (learned with reweight: "
+                             f"all); {type(self.weighting).__name__} does not")
+        self.source_sampling = source_sampling
+        self._natural_real_share: float | None = None  # set at setup from the data module's row counts
         self.weighting.bind(policy.hidden_size)
         self.objective = build_objective(objective)
         self.hypergradient = hypergradient if hypergradient is not None else HypergradientOptions()
@@ -195,6 +215,12 @@ class BoostModule(LightningModule):
         # The same for a weighting that drops rows by their content (a pool-wide return cut, a ground-truth label).
         if stage == "fit" and hasattr(datamodule, "keep_rows"):
             datamodule.keep_rows(self.weighting.select)
+        if stage == "fit" and self.source_sampling == "weights":
+            if not hasattr(datamodule, "draw_real_stream"):
+                raise ValueError("source_sampling='weights' needs a data module with draw_real_stream "
+                                 "(BoostDataModule): the real rows come in a stream of their own")
+            counts = datamodule.draw_real_stream()
+            self._natural_real_share = counts["real"] / (counts["real"] + counts["synthetic"])
 
     def configure_model(self) -> None:
         """Build the reference adapter, for a weighting whose features read it, at the policy's current (initial)
@@ -223,7 +249,8 @@ class BoostModule(LightningModule):
 
     # -- training -----------------------------------------------------------------------------------------------
     def training_step(self, batch: Mapping[str, Mapping[str, Any]], batch_idx: int) -> dict[str, Tensor] | None:
-        inner, outer = batch["inner"], batch["outer"]
+        inner = self._compose(batch, batch_idx) if self.source_sampling == "weights" else batch["inner"]
+        outer = batch["outer"]
         policy_opt, head_opt, reference_opt = self._optimizers()
         cycle = self.schedule.next(self.inner_steps, self.weighting.learns)
         self.guard.snapshot(self.weighting)
@@ -303,6 +330,24 @@ class BoostModule(LightningModule):
         with torch.no_grad():
             return _cat_outputs([self.policy.trajectory_forward(c, granularity=self.granularity)
                                  for c in _chunks(inner, micro)], micro)
+
+    def _compose(self, batch: Mapping[str, Any], batch_idx: int) -> dict[str, Any]:
+        """The inner batch under ``source_sampling="weights"``: round(p·B) real rows (stochastic rounding), then
+        synthetic rows, with the weighting's importance factors set for it.
+
+        p comes from the weighting's buffers and the draw from (epoch, batch index): every rank takes the same number
+        of real rows, and a resumed run draws what the uninterrupted one did.
+        """
+        natural = self._natural_real_share
+        if natural is None:
+            raise RuntimeError("source_sampling='weights' composes batches set up by BoostModule.setup('fit')")
+        share = min(max(self.weighting.real_share(natural), 1e-6), 1 - 1e-6)
+        size = batch["inner"]["input_ids"].shape[0]
+        draw = torch.rand((), generator=torch.Generator().manual_seed(self.current_epoch * 1_000_003 + batch_idx))
+        real_rows = min(int(share * size) + int(float(draw) < share * size - int(share * size)), size)
+        self.weighting.importance = torch.tensor([natural / share, (1 - natural) / (1 - share)])
+        self.log_dict({"sampling/real_share": share, "sampling/real_rows": float(real_rows)})
+        return concat_batches([take_rows(batch["real"], real_rows), take_rows(batch["inner"], size - real_rows)])
 
     @torch.no_grad()
     def _with_reference(self, batch: Mapping[str, Any], out: TrajectoryOutput) -> TrajectoryOutput:

@@ -22,11 +22,13 @@ _EXPORTS = {
     "TrajectoryCollator": "collate",
     "TrajectoryEncoder": "trajectory",
     "TrajectoryFormatError": "trajectory",
+    "concat_batches": "collate",
     "load_split": "sources",
     "load_splits": "sources",
     "load_tokenizer": "tokenizer",
     "register_spec_resolver": "specs",
     "resolve_spec": "specs",
+    "take_rows": "collate",
     "train_chat_tokenizer": "tokenizer",
     "unregister_spec_resolver": "specs",
 }

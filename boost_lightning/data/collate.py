@@ -74,3 +74,26 @@ class TrajectoryCollator:
         if "content_hash" in rows[0]:
             batch["content_hash"] = [row["content_hash"] for row in rows]
         return batch
+
+
+def concat_batches(parts: list[dict[str, Any]], pad_token_id: int = 0) -> dict[str, Any]:
+    """Collated batches → one batch of all their rows, in order, right-padded to the widest part.
+
+    ``pad_token_id`` goes into the new ``input_ids`` padding; those positions have ``attention_mask`` 0 and ``labels``
+    -100, so no loss, pooled state or feature reads them. A part with no rows is skipped.
+    """
+    parts = [p for p in parts if p["input_ids"].shape[0] > 0] or parts[:1]
+    width = max(p["input_ids"].shape[1] for p in parts)
+    pads = {name: pad_token_id if pad is None else pad for name, pad, _ in TrajectoryCollator.RAGGED}
+    out: dict[str, Any] = {}
+    for name in parts[0]:
+        values = [p[name] for p in parts]
+        if name in pads:
+            values = [torch.nn.functional.pad(v, (0, width - v.shape[1]), value=pads[name]) for v in values]
+        out[name] = torch.cat(values) if isinstance(values[0], torch.Tensor) else [x for v in values for x in v]
+    return out
+
+
+def take_rows(batch: dict[str, Any], count: int) -> dict[str, Any]:
+    """The first ``count`` rows of a collated batch (every per-row tensor and list column)."""
+    return {name: value[:count] for name, value in batch.items()}

@@ -141,6 +141,7 @@ class BoostDataModule(LightningDataModule):
         # The training splits cut to the rows a weighting keeps (``keep_rows``); None: every row.
         self._kept: dict[str, Dataset] | None = None
         self._resume: dict[str, int] | None = None  # position loaded from a checkpoint, for the next train loader
+        self._real_stream = False  # real rows in a batch stream of their own (draw_real_stream)
         self.report_only = report_only
 
     @property
@@ -323,28 +324,49 @@ class BoostDataModule(LightningDataModule):
             logger.warning("real_fraction=%s puts rows the weighting ignores into every batch; %s keeps %s rows only "
                            "(real_fraction=%s gives full batches of them)", self.real_fraction, source, source, wanted)
 
+    def draw_real_stream(self) -> dict[str, int]:
+        """Draw real rows in a stream of their own: training batches become ``{"inner": synthetic rows only, "real":
+        real rows only, "outer": validation rows}``, each full, and the model composes the rows it trains on
+        (``BoostModule(source_sampling="weights")`` calls this at setup).
+
+        Returns:
+            The training rows per source, ``{"real": n, "synthetic": m}`` (after :meth:`keep_rows`).
+
+        Raises:
+            ValueError: ``real_fraction`` is set (the model decides each batch's share), or a source has no rows.
+        """
+        if self.real_fraction is not None:
+            raise ValueError(f"real_fraction={self.real_fraction} fixes the share of real rows per batch, which "
+                             f"source_sampling='weights' decides batch by batch: leave data.real_fraction unset")
+        counts = {n: len(self._training(n)) if self.specs[n] is not None else 0 for n in ("real", "synthetic")}
+        empty = [n for n, c in counts.items() if c == 0]
+        if empty:
+            raise ValueError(f"source_sampling='weights' draws from both sources, but there are no {empty[0]} rows")
+        self._real_stream = True
+        self.real_fraction = 0.0  # the inner stream: synthetic rows only
+        logger.info("inner batches compose real rows (%d) and synthetic rows (%d) from two streams",
+                    counts["real"], counts["synthetic"])
+        return counts
+
     def train_dataloader(self) -> CombinedLoader:
-        """``{"inner": real+synthetic batch, "outer": shuffled validation batch}``, same number of batches."""
+        """``{"inner": real+synthetic batch, "outer": shuffled validation batch}``, same number of batches; with
+        :meth:`draw_real_stream`, ``"inner"`` holds synthetic rows and ``"real"`` a batch of real rows."""
         inner = concatenate_datasets([self._training(n) for n in self._train_splits])
         inner_sampler = self.inner_sampler()
         rank, world_size = self._distributed()
-        outer_sampler = MixedSampler(
-            len(self._dataset("validation")),
-            batch_size=self.validation_batch_size,
-            seed=self.seed,
-            stream=1,
-            rank=rank,
-            world_size=world_size,
-            num_batches=inner_sampler.num_global_batches,
-        )
+        streams = {"outer": (self._dataset("validation"), self.validation_batch_size, 1)}
+        if self._real_stream:
+            streams["real"] = (self._training("real"), self.batch_size, 2)
+        samplers = {name: MixedSampler(len(data), batch_size=size, seed=self.seed, stream=stream, rank=rank,
+                                       world_size=world_size, num_batches=inner_sampler.num_global_batches)
+                    for name, (data, size, stream) in streams.items()}
         if self._resume is not None:
-            for sampler in (inner_sampler, outer_sampler):
+            for sampler in (inner_sampler, *samplers.values()):
                 sampler.load_state_dict(self._resume)
             self._resume = None
-        loaders = {
-            "inner": self._loader(inner, self.batch_size, inner_sampler),
-            "outer": self._loader(self._dataset("validation"), self.validation_batch_size, outer_sampler),
-        }
+        loaders = {"inner": self._loader(inner, self.batch_size, inner_sampler)}
+        loaders.update({name: self._loader(streams[name][0], streams[name][1], sampler)
+                        for name, sampler in samplers.items()})
         return CombinedLoader(loaders, mode="max_size_cycle")
 
     def state_dict(self) -> dict[str, int]:

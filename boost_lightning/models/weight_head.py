@@ -206,6 +206,11 @@ class WeightHead(nn.Module):
         centroid is then 0, and the cosine's norm floor makes it exactly 0)."""
         return torch.nn.functional.cosine_similarity(pooled.float(), self.val_centroid[None].to(pooled.device), dim=1)
 
+    def log_unnormalized(self, scores: Tensor) -> Tensor:
+        """[B] log of each row's weight before the batch normalisation: s/T (softmax) or log σ(s/T) (sigmoid)."""
+        z = scores / self.temperature
+        return z if self.normalization == "softmax" else torch.nn.functional.logsigmoid(z)
+
     def observe(self, scalars: Tensor) -> None:
         """Fold a training batch's raw scalar features into the running feature statistics (once per batch)."""
         self.norm.update(scalars)

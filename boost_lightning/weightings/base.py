@@ -48,6 +48,8 @@ class Weighting(nn.Module):
         observes_validation: Each outer step's validation pooled states are passed to :meth:`observe_validation`.
         needs_reference: Its inputs read a reference adapter's forward (``TrajectoryOutput.excess_loss``,
             ``reference_surprise``): the module trains one on trusted rows and scores every batch with it.
+        resamples: It can set the share of real rows per inner batch (``real_share``) and correct a batch drawn that
+            way (``importance``), for ``BoostModule(source_sampling="weights")``.
         granularities: The units it can weigh: ``trajectory`` and, where its inputs keep their meaning when each
             assistant turn is a unit (the row's columns repeated per turn, a turn's own ``length``), ``turn``.
     """
@@ -59,6 +61,8 @@ class Weighting(nn.Module):
     observes_validation: bool = False
     #: :meth:`inputs` reads the reference adapter's fields of the policy output (the module then trains one).
     needs_reference: bool = False
+    #: Has :meth:`real_share` and :attr:`importance` (``BoostModule(source_sampling="weights")``).
+    resamples: bool = False
     #: The weighting has parameters that the outer level trains through the hypergradient (``head_optimizer``).
     learns: bool = False
     #: Names of the columns of :meth:`inputs` (the features ``predict`` writes out).

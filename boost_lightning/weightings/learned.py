@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 
 import torch
@@ -22,16 +23,45 @@ class Learned(Weighting):
     The head runs on the gathered global batch on every rank (it is tiny): its normalisation and regulariser are
     functions of all N weights, and its running feature statistics see the global batch, so replicas stay identical.
 
+    For ``BoostModule(source_sampling="weights")`` it also keeps, per source, a running log-mean of the rows'
+    unnormalised weights (exp(s/T) under softmax): :meth:`real_share` turns it into the share of real rows the inner
+    batches should hold, and :attr:`importance` corrects the weights of a batch drawn that way.
+
     Args:
         head: The reweighting head (its features, normalisation, regulariser). Built with default settings when
             omitted.
+        source_momentum: With ``source_sampling="weights"``: the weight of each batch in the running per-source
+            mass (an exponential moving average over training batches).
     """
 
     learns = True
 
-    def __init__(self, head: WeightHead | None = None) -> None:
+    def __init__(self, head: WeightHead | None = None, source_momentum: float = 0.1) -> None:
         super().__init__()
+        if not 0 < source_momentum <= 1:
+            raise ValueError(f"source_momentum must be in (0, 1], got {source_momentum}")
         self.head = head if head is not None else WeightHead()
+        self.source_momentum = source_momentum
+        # Buffers: checkpointed, and restored with the feature statistics when a step is skipped.
+        self.register_buffer("source_log_mass", torch.zeros(2))  # [real, synthetic]
+        self.register_buffer("source_seen", torch.zeros(2, dtype=torch.bool))
+        #: Per-source factors [real, synthetic] π_s/p_s of a batch drawn with real share p (natural share π); set by
+        #: the module for each composed batch, None under the natural mix.
+        self.importance: Tensor | None = None
+
+    @property
+    def resamples(self) -> bool:  # type: ignore[override]
+        # Under reweight="synthetic" real rows sit at 1 outside the normalisation: no mass to compare across sources.
+        return self.head.reweight == "all"
+
+    def real_share(self, natural: float) -> float:
+        """The share of real rows that makes a batch carry the mass the head gives real rows on the natural mix:
+        p = π·m_real / (π·m_real + (1 − π)·m_synthetic), m the running mean unnormalised weight per source; π
+        (``natural``) until both sources have been seen."""
+        if not bool(self.source_seen.all()) or natural <= 0 or natural >= 1:
+            return natural
+        logit = math.log(natural / (1 - natural)) + float(self.source_log_mass[0] - self.source_log_mass[1])
+        return 1 / (1 + math.exp(-logit))
 
     @property
     def input_names(self) -> tuple[str, ...]:  # type: ignore[override]
@@ -72,12 +102,35 @@ class Learned(Weighting):
         scalars, pooled, synthetic = self._split(inputs)
         self.head.observe(scalars)
         with torch.no_grad():
-            return self.head(scalars, pooled, synthetic)
+            scores = self.head.scores(scalars, pooled)
+            self._observe_sources(scores, synthetic)
+            return self._importance_corrected(self.head.normalize(scores, synthetic), synthetic)
 
     def outer_loss(self, inputs: Tensor, grad_weights: Tensor) -> Tensor:
         """Σᵢ gᵢ·wᵢ(φ) + regulariser: its gradient in φ is Σᵢ gᵢ ∂wᵢ/∂φ, the chain rule through the head."""
-        weights = self.head(*self._split(inputs))
+        scalars, pooled, synthetic = self._split(inputs)
+        weights = self._importance_corrected(self.head(scalars, pooled, synthetic), synthetic)
         return (grad_weights.to(weights.dtype) * weights).sum() + self.head.regularization(weights)
+
+    def _observe_sources(self, scores: Tensor, synthetic: Tensor) -> None:
+        """Fold each source's log-mean unnormalised weight of this batch into the running per-source mass."""
+        log_weight = self.head.log_unnormalized(scores)
+        for index, mask in enumerate((synthetic < 0.5, synthetic >= 0.5)):
+            if bool(mask.any()):
+                value = torch.logsumexp(log_weight[mask].double(), 0) - math.log(int(mask.sum()))
+                rate = self.source_momentum if bool(self.source_seen[index]) else 1.0
+                self.source_log_mass[index] += rate * (value.to(self.source_log_mass.dtype)
+                                                       - self.source_log_mass[index])
+                self.source_seen[index] = True
+
+    def _importance_corrected(self, weights: Tensor, synthetic: Tensor) -> Tensor:
+        """wᵢ·r_s / mean(w·r): a batch drawn with real share p carries the mass of a natural-mix batch (π) when each
+        row is scaled by r_s = π_s/p_s, the inverse of its source's over-representation."""
+        if self.importance is None:
+            return weights
+        factor = self.importance.to(weights)[(synthetic >= 0.5).long()]
+        corrected = weights * factor
+        return corrected / corrected.mean().clamp(min=1e-30)
 
     def scores(self, inputs: Tensor) -> Tensor:
         scalars, pooled, _ = self._split(inputs)
