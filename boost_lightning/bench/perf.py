@@ -6,10 +6,12 @@
 
 Methods: ``sft`` (``weighting=uniform``, no hypergradient), ``boost_k4`` and ``boost_k1`` (first-order
 hypergradient every 4th / every inner step), ``boost_exact_k1`` (exact one-step unrolled hypergradient every step,
-a reference for small models) and ``boost_k<N>`` for first-order BOOST at any other outer cadence N. Every method
-runs the same ``BoostModule`` training step through a real ``Trainer``, LoRA r=8 on every linear layer, validation
-batch as large as the inner one, one repeated random batch; ``--compare-checkpointing`` runs every method without
-and with gradient checkpointing (rows ``<method>+ckpt``).
+a reference for small models), ``boost_k1_reference`` (``boost_k1`` whose head also reads the reference adapter's
+``excess_loss`` and ``reference_surprise``: one more adapter trained on the trusted rows) and ``boost_k<N>`` for
+first-order BOOST at any other outer cadence N. Every method runs the same ``BoostModule`` training step through a
+real ``Trainer``, LoRA r=8 on every linear layer, validation batch as large as the inner one, one repeated random
+batch; ``--compare-checkpointing`` runs every method without and with gradient checkpointing (rows
+``<method>+ckpt``).
 
 Each row is measured in its own process, so that its peak memory is its own: on CUDA
 ``torch.cuda.max_memory_allocated`` over the timed steps (weights included); on CPU how far the peak resident set
@@ -43,6 +45,9 @@ METHODS: dict[str, dict[str, Any]] = {
     "boost_k4": {"weighting": "learned", "outer_every_n_steps": 4},
     "boost_k1": {"weighting": "learned", "outer_every_n_steps": 1},
     "boost_exact_k1": {"weighting": "learned", "outer_every_n_steps": 1, "hypergradient": {"method": "exact"}},
+    # The default head plus the reference adapter's features (a second adapter trained on the trusted rows).
+    "boost_k1_reference": {"weighting": "learned", "outer_every_n_steps": 1, "head": {"features": [
+        "hidden", "loss", "surprise", "reward", "source", "length", "turns", "excess_loss", "reference_surprise"]}},
 }
 
 
@@ -70,6 +75,11 @@ def _build_module(policy, method_settings: dict[str, Any]):
     from boost_lightning.module import BoostModule
 
     settings = dict(method_settings)
+    if "head" in settings:
+        from boost_lightning.models import WeightHead
+        from boost_lightning.weightings import Learned
+
+        settings["weighting"] = Learned(WeightHead(**settings.pop("head")))
     if "hypergradient" in settings:
         settings["hypergradient"] = HypergradientOptions(**settings["hypergradient"])
     return BoostModule(policy, policy_optimizer=lambda p: torch.optim.AdamW(p, lr=1e-4), **settings)
