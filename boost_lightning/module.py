@@ -420,8 +420,9 @@ class BoostModule(LightningModule):
         return loss_value
 
     def _reference_backward(self, inner: Mapping[str, Any], outer: Mapping[str, Any]) -> None:
-        """Backward of the reference adapter's loss: the mean agent NLL over the trusted rows of the global step, the
-        inner batch's real rows and the validation batch (real rows, never trained on by the policy).
+        """Backward of the reference adapter's loss: the mean NLL of the agent and observation tokens
+        (:meth:`ReferenceAdapter.training_losses`) over the trusted rows of the global step, the inner batch's real rows
+        and the validation batch (real rows, never trained on by the policy).
 
         Each rank backpropagates its rows' sum over the global count; the gradients are summed over ranks.
         """
@@ -433,7 +434,7 @@ class BoostModule(LightningModule):
         total = 0.0
         with dp.summed_gradients(params):
             for trusted in batches:
-                losses = self.reference(self.policy, trusted, aux=False).loss
+                losses = self.reference.training_losses(self.policy, trusted)
                 loss = losses.sum() / count.clamp(min=1)
                 check_finite("inner_loss", loss)
                 self._local_backward(loss / self.hparams.inner_accumulate_grad_batches)

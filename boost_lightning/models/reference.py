@@ -1,4 +1,5 @@
-"""A reference adapter: a second set of the policy's trainable tensors, trained on trusted (real) rows only.
+"""A reference adapter: a second set of the policy's trainable tensors, trained on trusted (real) rows only, on their
+agent and observation tokens.
 
 RHO-LOSS (arXiv 2206.07137) scores a training example by its *excess* loss: the learner's loss minus the loss of a
 reference model trained on data from the target distribution. A row that the reference finds easy but the policy does
@@ -13,6 +14,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
+import torch
 from torch import Tensor, nn
 
 from boost_lightning.models.features import REFERENCE_FEATURES
@@ -43,6 +45,20 @@ class ReferenceAdapter(nn.Module):
                 granularity: str = "trajectory") -> TrajectoryOutput:
         """The policy's forward of ``batch`` at the reference's tensors (with graph into them when grad is on)."""
         return policy.trajectory_forward(batch, params=self.params(), aux=aux, granularity=granularity)
+
+    def training_losses(self, policy: PolicyModel, batch: Mapping[str, Tensor]) -> Tensor:
+        """[B] per-row mean NLL, with graph into the reference's tensors, of the row's agent *and* observation tokens.
+
+        The reference models the trusted data on both sides of the conversation: its observation NLL
+        (``reference_surprise``) is then that of a model of the real dynamics, where the policy, trained on agent
+        tokens only, has no reason to predict observations well. An environment reply that the real dynamics would
+        not produce (a hallucinating simulator) stands out there.
+        """
+        labels = batch["labels"]
+        if "obs_mask" in batch:
+            observed = batch["obs_mask"].bool() & (batch["attention_mask"] > 0)
+            labels = torch.where(observed, batch["input_ids"], labels)
+        return self.forward(policy, {**batch, "labels": labels}, aux=False).loss
 
     @staticmethod
     def annotate(out: TrajectoryOutput, ref: TrajectoryOutput) -> TrajectoryOutput:

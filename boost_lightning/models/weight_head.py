@@ -64,8 +64,9 @@ class WeightHead(nn.Module):
             outer step's validation forward at no extra cost; 0 until the first outer step: rows whose agent turns
             look plausible but sit away from the real validation data in the policy's own feature space),
             ``excess_loss`` and ``reference_surprise`` (from a reference adapter that the module trains next to the
-            policy on trusted rows only, the real rows of each inner batch and the validation batch: the unit's NLL
-            under the policy minus under the reference, RHO-LOSS style, and the observation NLL under the reference;
+            policy on the agent and observation tokens of trusted rows only, the real rows of each inner batch and the
+            validation batch: the unit's agent NLL under the policy minus under the reference, RHO-LOSS style, and
+            the observation NLL under the reference, a model of the real dynamics;
             asking for either turns the reference on, at one extra forward of the inner batch and one forward and
             backward of the trusted rows per step). At turn
             granularity each feature is the turn's (its NLL, the surprise of the reply it got, its pooled state, its

@@ -1,6 +1,6 @@
 """The reference adapter behind the ``excess_loss`` / ``reference_surprise`` head features: a second set of the
-policy's LoRA tensors on the same frozen base, trained on trusted rows only (the inner batch's real rows and the
-validation batch) alongside the policy.
+policy's LoRA tensors on the same frozen base, trained alongside the policy on the agent and observation tokens of
+trusted rows only (the inner batch's real rows and the validation batch).
 
 Expected values come from a second, independently built policy whose LoRA tensors are set to the reference's and
 whose losses are taken with a plain forward, not through the functional path the module uses.
@@ -41,6 +41,15 @@ def policy_at(tiny_llama_config, tensors: dict[str, torch.Tensor]) -> PolicyMode
         for name, p in policy.trainable_named_parameters().items():
             p.copy_(tensors[name])
     return policy
+
+
+def modelled_tokens_nll(policy: PolicyModel, batch: dict) -> torch.Tensor:
+    """[B] mean NLL of each row's agent and observation tokens, from the whole model's logits (with graph)."""
+    logits = policy.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1]
+    nll = torch.nn.functional.cross_entropy(logits.float().transpose(1, 2), batch["input_ids"][:, 1:],
+                                            reduction="none")
+    keep = ((batch["labels"][:, 1:] != -100) | batch["obs_mask"][:, 1:].bool()) & (batch["attention_mask"][:, 1:] > 0)
+    return (nll * keep).sum(1) / keep.sum(1)
 
 
 def item(vocab: int, seed: int = 0, batch_size: int = 4) -> dict:
@@ -103,11 +112,12 @@ def test_reference_step_is_plain_sgd_on_the_trusted_rows_only(tiny_llama_config,
     start = {k: v.detach().clone() for k, v in module.policy.trainable_named_parameters().items()}
     fit_module(module, [step])
 
-    # By hand: one SGD step (lr 0.1) on the mean agent NLL over the inner batch's real rows and the validation batch.
+    # By hand: one SGD step (lr 0.1) on the mean NLL of the agent and observation tokens of the inner batch's real
+    # rows and the validation batch, from a plain forward of the whole model.
     hand = policy_at(tiny_llama_config, start)
     real = ~step["inner"]["is_synthetic"].bool()
     trusted = [{k: v[real] for k, v in step["inner"].items() if isinstance(v, torch.Tensor)}, step["outer"]]
-    losses = torch.cat([hand.trajectory_forward(b, aux=False).loss for b in trusted])
+    losses = torch.cat([modelled_tokens_nll(hand, b) for b in trusted])
     params = hand.trainable_named_parameters()
     grads = torch.autograd.grad(losses.mean(), list(params.values()), allow_unused=True)
     for (name, p), g in zip(params.items(), grads):
