@@ -203,6 +203,9 @@ def test_two_process_ddp_run_equals_one_process_run_on_the_same_global_batch(ddp
     # same head reading the reference adapter's features (a third set of tensors, trained on trusted rows).
     override = {"learned": (), "uniform": ("--model.weighting", weighting), "learned_reference": (
         "--model.weighting.init_args.head.init_args.features=[hidden,loss,excess_loss,reference_surprise]",)}[weighting]
+    # The excess loss is exactly 0 on every row at the start (both adapters share their initial tensors), so its
+    # running standardisation divides the first steps' rounding differences by a tiny spread: a looser head tolerance.
+    head_atol = 1e-3 if weighting == "learned_reference" else HEAD_ATOL
     two = _run(ddp_setup, "two", 2, 2, *override)
     one = _run(ddp_setup, "one", 1, 4, *override)[0]
     assert two[0]["world"] == 2 and one["world"] == 1
@@ -215,7 +218,7 @@ def test_two_process_ddp_run_equals_one_process_run_on_the_same_global_batch(ddp
     # The 2-process run equals the 1-process run on the same global batch, up to reduction order.
     moved = set()
     for key, value in one["state"].items():
-        atol = HEAD_ATOL if key.startswith("weighting.") else ATOL
+        atol = head_atol if key.startswith("weighting.") else ATOL
         torch.testing.assert_close(two[0]["state"][key], value, rtol=0, atol=atol, msg=lambda m, k=key: f"{k}: {m}")
         drift = (value.double() - one["start"][key].double()).abs().max()
         if ".norm." not in key and drift > 10 * HEAD_ATOL:  # parameters, not the head's feature statistics
@@ -229,4 +232,4 @@ def test_two_process_ddp_run_equals_one_process_run_on_the_same_global_batch(ddp
     rows1 = [json.loads(line) for line in (ddp_setup / "one" / "weights.jsonl").read_text().splitlines()]
     assert [r["row_id"] for r in rows2] == [r["row_id"] for r in rows1] == list(range(10))
     for a, b in zip(rows2, rows1):
-        assert a["weight"] == pytest.approx(b["weight"], abs=HEAD_ATOL)
+        assert a["weight"] == pytest.approx(b["weight"], abs=head_atol)
