@@ -332,22 +332,27 @@ class BoostModule(LightningModule):
                                  for c in _chunks(inner, micro)], micro)
 
     def _compose(self, batch: Mapping[str, Any], batch_idx: int) -> dict[str, Any]:
-        """The inner batch under ``source_sampling="weights"``: round(p·B) real rows (stochastic rounding), then
-        synthetic rows, with the weighting's importance factors set for it.
+        """The inner batch under ``source_sampling="weights"``, with the weighting's importance factors set for it.
 
-        p comes from the weighting's buffers and the draw from (epoch, batch index): every rank takes the same number
-        of real rows, and a resumed run draws what the uninterrupted one did.
+        Slot j of the global batch (W ranks × B rows) holds row j of the global real stream if j < q, else row j of the
+        global synthetic stream, q = round(p·W·B) (stochastic rounding). Rank r's slots are rB .. rB + B − 1, so it
+        takes the first q_r = clamp(q − rB, 0, B) rows of its real batch and the rest of its synthetic batch: the global
+        batch is the one a single process would compose, whatever the world size. p comes from the weighting's
+        buffers and the draw from (epoch, batch index), the same on every rank and in a resumed run.
         """
         natural = self._natural_real_share
         if natural is None:
             raise RuntimeError("source_sampling='weights' composes batches set up by BoostModule.setup('fit')")
         share = min(max(self.weighting.real_share(natural), 1e-6), 1 - 1e-6)
         size = batch["inner"]["input_ids"].shape[0]
+        world, rank = (self.trainer.world_size, self.global_rank) if self._trainer is not None else (1, 0)
+        expected = share * size * world
         draw = torch.rand((), generator=torch.Generator().manual_seed(self.current_epoch * 1_000_003 + batch_idx))
-        real_rows = min(int(share * size) + int(float(draw) < share * size - int(share * size)), size)
+        real_rows = min(int(expected) + int(float(draw) < expected - int(expected)), size * world)
+        local = min(max(real_rows - rank * size, 0), size)
         self.weighting.importance = torch.tensor([natural / share, (1 - natural) / (1 - share)])
         self.log_dict({"sampling/real_share": share, "sampling/real_rows": float(real_rows)})
-        return concat_batches([take_rows(batch["real"], real_rows), take_rows(batch["inner"], size - real_rows)])
+        return concat_batches([take_rows(batch["real"], 0, local), take_rows(batch["inner"], local, size)])
 
     @torch.no_grad()
     def _with_reference(self, batch: Mapping[str, Any], out: TrajectoryOutput) -> TrajectoryOutput:

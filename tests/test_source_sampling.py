@@ -26,7 +26,7 @@ def test_concatenated_batches_keep_every_row_and_its_losses(tiny_policy):
     policy = tiny_policy.eval()
     narrow = random_batch(policy.vocab_size, 3, seq_len=12, seed=0)
     wide = random_batch(policy.vocab_size, 2, seq_len=20, seed=1)
-    both = concat_batches([take_rows(narrow, 2), wide])
+    both = concat_batches([take_rows(narrow, 0, 2), wide])
     assert both["input_ids"].shape == (4, 20)
     assert both["row_id"].tolist() == [0, 1, 0, 1] and both["task_id"] == ["t0", "t1", "t0", "t1"]
     # The widened rows are padded as the collator pads: no attention, no label, no observation, turn -1 there.
@@ -34,11 +34,11 @@ def test_concatenated_batches_keep_every_row_and_its_losses(tiny_policy):
     assert not both["obs_mask"][:2, 12:].any() and both["turn_ids"][:2, 12:].eq(-1).all()
     with torch.no_grad():
         joined = policy.trajectory_forward(both)
-        apart = [policy.trajectory_forward(take_rows(narrow, 2)), policy.trajectory_forward(wide)]
+        apart = [policy.trajectory_forward(take_rows(narrow, 0, 2)), policy.trajectory_forward(wide)]
     torch.testing.assert_close(joined.loss, torch.cat([o.loss for o in apart]), rtol=0, atol=1e-5)
     torch.testing.assert_close(joined.surprise, torch.cat([o.surprise for o in apart]), rtol=0, atol=1e-5)
     # A part without rows adds none.
-    assert concat_batches([take_rows(narrow, 0), wide])["input_ids"].shape == (2, 20)
+    assert concat_batches([take_rows(narrow, 0, 0), wide])["input_ids"].shape == (2, 20)
 
 
 def test_real_share_and_importance_factors_by_hand():

@@ -94,6 +94,6 @@ def concat_batches(parts: list[dict[str, Any]], pad_token_id: int = 0) -> dict[s
     return out
 
 
-def take_rows(batch: dict[str, Any], count: int) -> dict[str, Any]:
-    """The first ``count`` rows of a collated batch (every per-row tensor and list column)."""
-    return {name: value[:count] for name, value in batch.items()}
+def take_rows(batch: dict[str, Any], start: int, stop: int) -> dict[str, Any]:
+    """Rows ``start`` to ``stop`` (exclusive) of a collated batch (every per-row tensor and list column)."""
+    return {name: value[start:stop] for name, value in batch.items()}
