@@ -36,7 +36,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass
 from typing import Any, Literal
 
@@ -322,14 +322,18 @@ class BoostModule(LightningModule):
         return policy, head, reference
 
     def _forward(self, inner: Mapping[str, Any]) -> TrajectoryOutput:
+        return self._units(lambda b: self.policy.trajectory_forward(b, granularity=self.granularity), inner)
+
+    def _units(self, forward: Callable[[Mapping[str, Any]], TrajectoryOutput],
+               batch: Mapping[str, Any]) -> TrajectoryOutput:
+        """``forward`` of the whole batch, or, with ``micro_batch_size``, of its chunks without grad, concatenated."""
         micro = self.hparams.micro_batch_size
-        if micro is None or micro >= inner["input_ids"].shape[0]:
-            return self.policy.trajectory_forward(inner, granularity=self.granularity)
+        if micro is None or micro >= batch["input_ids"].shape[0]:
+            return forward(batch)
         # Weights are a function of the whole batch (per-batch normalisation), so they are computed on a no-grad
         # pass first and the chunks are forwarded again with grad in _inner_backward (one extra forward).
         with torch.no_grad():
-            return _cat_outputs([self.policy.trajectory_forward(c, granularity=self.granularity)
-                                 for c in _chunks(inner, micro)], micro)
+            return _cat_outputs([forward(c) for c in _chunks(batch, micro)], micro)
 
     def _compose(self, batch: Mapping[str, Any], batch_idx: int) -> dict[str, Any]:
         """The inner batch under ``source_sampling="weights"``, with the weighting's importance factors set for it.
@@ -357,12 +361,7 @@ class BoostModule(LightningModule):
     @torch.no_grad()
     def _with_reference(self, batch: Mapping[str, Any], out: TrajectoryOutput) -> TrajectoryOutput:
         """``out`` with the reference adapter's features of the same units (one extra forward, no backward)."""
-        micro = self.hparams.micro_batch_size
-        if micro is None or micro >= batch["input_ids"].shape[0]:
-            ref = self.reference(self.policy, batch, granularity=self.granularity)
-        else:
-            ref = _cat_outputs([self.reference(self.policy, c, granularity=self.granularity)
-                                for c in _chunks(batch, micro)], micro)
+        ref = self._units(lambda b: self.reference(self.policy, b, granularity=self.granularity), batch)
         return ReferenceAdapter.annotate(out, ref)
 
     def _gather_rows(self, out: TrajectoryOutput, inner: Mapping[str, Any]) -> _Rows:

@@ -73,6 +73,10 @@ def test_running_mass_is_each_sources_log_mean_unnormalised_weight():
     with torch.no_grad():
         learned.head.mlp[-1].weight.fill_(1.0)
     inputs = torch.tensor([[1.0, 0.0], [3.0, 1.0], [5.0, 1.0]])  # [reward, source flag]
+    assert not learned.source_seen.any()
+    learned(inputs)  # the natural mix (no importance factors): no per-source mass to keep
+    assert not learned.source_seen.any() and torch.equal(learned.source_log_mass, torch.zeros(2))
+    learned.importance = torch.ones(2)  # a composed batch drawn at the natural share
     learned(inputs)
     scores = learned.scores(inputs).double()
     first = [scores[0], torch.logsumexp(scores[1:], 0) - math.log(2)]
@@ -187,6 +191,12 @@ def test_impossible_setups_are_refused_before_training(tiny_tokenizer, tiny_llam
     data.setup("fit")
     with pytest.raises(ValueError, match="real_fraction"):
         data.draw_real_stream()
+    again = BoostDataModule(**splits, tokenizer=tiny_tokenizer, batch_size=4, max_length=128,
+                            cache_dir=str(tmp_path / "cache"))
+    again.prepare_data()
+    again.setup("fit")
+    # A second fit with the same data module (its first draw set real_fraction to 0.0) is no conflict.
+    assert again.draw_real_stream() == again.draw_real_stream() == {"real": 4, "synthetic": 12}
     no_real = BoostDataModule(synthetic=splits["synthetic"], validation=splits["validation"], tokenizer=tiny_tokenizer,
                               batch_size=4, max_length=128, cache_dir=str(tmp_path / "cache"))
     no_real.prepare_data()

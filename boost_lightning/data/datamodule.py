@@ -335,7 +335,7 @@ class BoostDataModule(LightningDataModule):
         Raises:
             ValueError: ``real_fraction`` is set (the model decides each batch's share), or a source has no rows.
         """
-        if self.real_fraction is not None:
+        if self.real_fraction is not None and not self._real_stream:  # a second fit finds its own 0.0 of the first
             raise ValueError(f"real_fraction={self.real_fraction} fixes the share of real rows per batch, which "
                              f"source_sampling='weights' decides batch by batch: leave data.real_fraction unset")
         counts = {n: len(self._training(n)) if self.specs[n] is not None else 0 for n in ("real", "synthetic")}

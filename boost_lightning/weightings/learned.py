@@ -46,7 +46,7 @@ class Learned(Weighting):
         self.register_buffer("source_log_mass", torch.zeros(2))  # [real, synthetic]
         self.register_buffer("source_seen", torch.zeros(2, dtype=torch.bool))
         #: Per-source factors [real, synthetic] π_s/p_s of a batch drawn with real share p (natural share π); set by
-        #: the module for each composed batch, None under the natural mix.
+        #: the module for each composed batch, None under the natural mix (which then skips the per-source mass).
         self.importance: Tensor | None = None
 
     @property
@@ -103,7 +103,8 @@ class Learned(Weighting):
         self.head.observe(scalars)
         with torch.no_grad():
             scores = self.head.scores(scalars, pooled)
-            self._observe_sources(scores, synthetic)
+            if self.importance is not None:  # resampling: the running per-source mass decides the next batch's share
+                self._observe_sources(scores, synthetic)
             return self._importance_corrected(self.head.normalize(scores, synthetic), synthetic)
 
     def outer_loss(self, inputs: Tensor, grad_weights: Tensor) -> Tensor:
