@@ -452,7 +452,8 @@ class BoostModule(LightningModule):
         policy_opt = self._optimizers()[0]
         optimizer = getattr(policy_opt, "optimizer", policy_opt)  # the raw optimizer under Lightning's wrapper
         hypergrad = policy_hypergradient(self.policy, inner, outer, self.hypergradient, optimizer,
-                                         rows.multiplier[rows.local], out.loss.detach(), weights, self.granularity)
+                                         rows.multiplier[rows.local], out.loss.detach(), weights, self.granularity,
+                                         probe_seed=self.outer_steps)
         check_finite("hypergrad", hypergrad.grad_weights, hypergrad.val_loss)
         return hypergrad
 

@@ -71,8 +71,9 @@ def test_rollout_callback_logs_success_and_transcripts_at_the_inner_step(maze_ca
     module = BoostModule(PolicyModel(config=config, r=4), policy_optimizer=lambda p: torch.optim.AdamW(p, lr=1e-3))
     rollout = RolloutEvaluation(task="maze", num_episodes=3, max_new_tokens=6, batch_size=3)
     logger = TensorBoardLogger(save_dir=str(maze_cache), name="run", version="", default_hp_metric=False)
-    # Every batch steps both levels: 4 optimizer steps are 2 batches, one validation after the second.
-    trainer = Trainer(max_steps=4, val_check_interval=2, limit_val_batches=1, logger=logger,
+    # Every batch steps the policy, the head and the reference adapter: 6 optimizer steps are 2 batches, one
+    # validation after the second.
+    trainer = Trainer(max_steps=6, val_check_interval=2, limit_val_batches=1, logger=logger,
                       enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
                       accelerator="cpu", callbacks=[rollout], num_sanity_val_steps=0)
     trainer.fit(module, datamodule=data)
@@ -87,5 +88,5 @@ def test_rollout_callback_logs_success_and_transcripts_at_the_inner_step(maze_ca
     events = EventAccumulator(str(logger.log_dir)).Reload()
     transcripts = [tag for tag in events.Tags()["tensors"] if tag.startswith("rollout/transcript_")]
     assert len(transcripts) == 2
-    assert module.inner_steps == 2 and trainer.global_step == 4
+    assert module.inner_steps == 2 and trainer.global_step == 6
     assert {tag: [e.step for e in events.Tensors(tag)] for tag in transcripts} == {tag: [2] for tag in transcripts}

@@ -14,6 +14,7 @@ from boost_lightning.weightings import Learned
 
 
 def snapshot(module):
+    module.configure_model()  # builds the reference adapter (the default head reads it) before the copy
     return {n: p.detach().clone() for n, p in module.named_parameters()}
 
 
@@ -26,7 +27,8 @@ def test_inner_step_moves_only_lora_and_outer_step_moves_only_head(make_module, 
     before = snapshot(module)
     fit_module(module, make_items(steps=2))
     moved = changed(before, module)
-    assert moved and all("lora_" in n for n in moved), moved
+    assert moved and all("lora_" in n for n in moved), moved  # the policy's LoRA and the reference adapter's copy
+    assert any(n.startswith("reference.") for n in moved) and any(n.startswith("policy.") for n in moved), moved
     assert module.inner_steps == 2 and module.outer_steps == 0
 
     module = make_module(hypergradient=HypergradientOptions(lookahead_lr=0.1),
@@ -44,7 +46,8 @@ def test_both_levels_move_their_own_parameters_in_a_normal_run(make_module, fit_
     fit_module(module, make_items(steps=3))
     moved = changed(before, module)
     assert any(n.startswith("weighting.head.") for n in moved)
-    assert any("lora_" in n for n in moved)
+    assert any(n.startswith("policy.") and "lora_" in n for n in moved)
+    assert any(n.startswith("reference.") for n in moved)
     frozen = [n for n in before if n.startswith("policy.") and "lora_" not in n]
     assert frozen and not (set(frozen) & moved)
 
@@ -83,7 +86,11 @@ def test_resume_from_checkpoint_equals_uninterrupted_run(tmp_path, make_module, 
     trainer.fit(first, train_dataloaders=DataLoader(make_items(steps=3), batch_size=None))
     saved = torch.load(tmp_path / "last.ckpt", weights_only=True)
     assert all(k.startswith("weighting.") or "lora_" in k for k in saved["state_dict"]), "frozen base saved"
-    assert sum("lora_" in k for k in saved["state_dict"]) == len(first.policy.trainable_named_parameters())
+    # The policy's LoRA tensors and the reference adapter's copy of them (the default head reads the reference).
+    policy_keys = [k for k in saved["state_dict"] if k.startswith("policy.")]
+    assert len(policy_keys) == len(first.policy.trainable_named_parameters()) == len(first.reference.tensors)
+    assert sum(k.startswith("reference.") for k in saved["state_dict"]) == len(first.reference.tensors)
+    assert len(saved["optimizer_states"]) == 3
     assert saved["boost"]["inner_steps"] == 3
 
     resumed = make_module(**adam)

@@ -67,11 +67,13 @@ def _moved(before, module, prefix):
 def test_every_weighting_trains_the_policy_and_only_learned_has_an_outer_level(weighting, make_module, fit_module,
                                                                                make_items):
     module = make_module(weighting, policy_optimizer=lambda p: torch.optim.SGD(p, lr=0.5))
+    module.configure_model()  # the default learned head reads a reference adapter: built before the copy
     before = {n: p.detach().clone() for n, p in module.named_parameters()}
     trainer = fit_module(module, make_items(steps=3, batch_size=6))
     assert _moved(before, module, "policy.")
     assert (module.outer_steps > 0) == (weighting == "learned") == _moved(before, module, "weighting.")
-    assert len(trainer.optimizers) == (2 if weighting == "learned" else 1)
+    assert (module.reference is not None) == (weighting == "learned") == _moved(before, module, "reference.")
+    assert len(trainer.optimizers) == (3 if weighting == "learned" else 1)
     assert module.inner_steps + module.empty_batches == 3 and sum(module.faults.values()) == 0
 
 
@@ -91,7 +93,8 @@ def _head_gradient(module_kwargs, make_module, items):
     module = make_module(**module_kwargs)
     inner, outer = items[0]["inner"], items[0]["outer"]
     # One outer update by hand through the module's own functions (no Trainer, no step): the head's gradient.
-    out = module.policy.trajectory_forward(inner)
+    module.configure_model()
+    out = module._with_reference(inner, module.policy.trajectory_forward(inner))
     rows = module._gather_rows(out, inner)
     module.configure_optimizers()  # not used: lookahead_lr is given
     hypergrad = module._hypergradient(inner, outer, out, rows, module.weighting(rows.inputs))

@@ -99,7 +99,8 @@ def test_predict_train_writes_every_input_row_back_with_its_weight_and_fixed_wei
             assert row[name] == value, (name, row["split"], row["row_id"])
         assert row["source"] == row["split"]  # implied by the split where the input row has none
         assert row["content_hash"] == content_hash(original["messages"])
-        assert set(row["features"]) == {"loss", "surprise", "reward", "source", "length", "turns"}
+        assert set(row["features"]) == {"loss", "surprise", "reward", "source", "length", "turns", "excess_loss",
+                                        "reference_surprise"}
     assert all("annotator" in r for r in rows[:4]) and all("difficulty" in r for r in rows[4:])
 
     # One scale over real and synthetic rows: mean 1 over the file, and the rows do differ.

@@ -6,6 +6,7 @@ from boost_lightning.bilevel.hypergradient import (
     HypergradientOptions,
     exact_hypergradient,
     first_order_hypergradient,
+    gradient_norms,
 )
 from boost_lightning.bilevel.policy import policy_hypergradient
 from boost_lightning.bilevel.preconditioner import adam_preconditioner
@@ -13,4 +14,5 @@ from boost_lightning.bilevel.schedule import BilevelSchedule, Cycle
 from boost_lightning.bilevel.tradeoff import Tradeoff, tradeoff, weighted_mmd
 
 __all__ = ["BilevelSchedule", "Cycle", "Hypergradient", "HypergradientOptions", "Tradeoff", "adam_preconditioner",
-           "exact_hypergradient", "first_order_hypergradient", "policy_hypergradient", "tradeoff", "weighted_mmd"]
+           "exact_hypergradient", "first_order_hypergradient", "gradient_norms", "policy_hypergradient", "tradeoff",
+           "weighted_mmd"]

@@ -9,6 +9,9 @@ The bilevel problem, with one inner step as the lookahead (B rows, weights of me
 * :func:`first_order_hypergradient` (default) takes v = ∇L_val(θ) and estimates every ⟨v, ∇ℓᵢ⟩ with a finite
   difference along v: one backward on the validation batch plus one no-grad forward of the inner batch at
   θ + εv (two for the central difference). No second derivatives, so SDPA / flash attention and bf16 work.
+* :func:`gradient_norms` estimates every ‖∇ℓᵢ‖ from random probe directions (forward differences again), for
+  ``alignment="cosine"``: raw inner products of sequence gradients grow with a row's gradient norm (its length,
+  its loss), so a long or badly fit row can look aligned without pointing the right way.
 * :func:`exact_hypergradient` differentiates through the unrolled step with ``create_graph``; it is the
   reference for small models and needs an attention kernel with double backward (math SDPA or eager).
 
@@ -48,6 +51,13 @@ class HypergradientOptions:
         preconditioner: ``adam``: precondition v with the policy optimizer's second moments, 1/(√v̂ + eps), as an
             Adam/AdamW step does, so that alignment is measured in the geometry the policy moves in (first-order
             only; P = I while the optimizer keeps no second moments). ``none``: the lookahead is a plain SGD step.
+        alignment: ``dot``: gᵢ ∝ −⟨Pv, ∇ℓᵢ⟩, the one-step lookahead's own derivative. ``cosine``: each row's term is
+            divided by its gradient norm ‖∇ℓᵢ‖ and multiplied by the batch's root-mean-square norm, so rows compete on
+            direction alone and the scale stays the dot product's. The norms are estimated from ``norm_probes``
+            random directions (:func:`gradient_norms`; first-order only, one no-grad forward of the inner batch per
+            probe).
+        norm_probes: Random probe directions per outer step for ``alignment="cosine"``; a norm's relative error is
+            about 1/√(2·probes).
         normalize: Divide the per-row hypergradient by its root mean square over the batch before the head's backward
             (surrogate (1/B)·Σ gᵢwᵢ/rms(g)). Its raw scale follows the policy's lr and loss scale (often ~1e-4), so
             without this the head regulariser's strength has no fixed meaning; with it, a strength of ≈ 1 weighs the
@@ -59,9 +69,17 @@ class HypergradientOptions:
     fd_eps: float = 1e-2
     fd_central: bool = False
     preconditioner: str = "adam"
+    alignment: str = "dot"
+    norm_probes: int = 8
     normalize: bool = True
 
     def __post_init__(self) -> None:
+        if self.alignment not in ("dot", "cosine"):
+            raise ValueError(f"hypergradient alignment must be 'dot' or 'cosine', got {self.alignment!r}")
+        if self.alignment == "cosine" and self.method != "first_order":
+            raise ValueError("alignment='cosine' needs method='first_order' (its norms come from forward probes)")
+        if self.norm_probes < 1:
+            raise ValueError(f"norm_probes must be >= 1, got {self.norm_probes}")
         if self.method not in ("first_order", "exact"):
             raise ValueError(f"hypergradient method must be 'first_order' or 'exact', got {self.method!r}")
         if self.preconditioner not in ("none", "adam"):
@@ -159,6 +177,44 @@ def first_order_hypergradient(
         v_norm=v_norm.detach(),
         directional=directional.detach(),
     )
+
+
+def gradient_norms(
+    params: Params,
+    inner_losses: Callable[[Params], Tensor],
+    base_losses: Tensor,
+    probes: int,
+    eps: float = 1e-2,
+    seed: int = 0,
+) -> Tensor:
+    """Per-unit gradient norms ‖∇ℓᵢ(θ)‖ [B] from ``probes`` random unit directions u over all of θ.
+
+    For u uniform on the unit sphere of the D trainable dimensions, E[(∇ℓᵢ·u)²] = ‖∇ℓᵢ‖²/D, and ∇ℓᵢ·u is a forward
+    difference [ℓᵢ(θ + εu) − ℓᵢ(θ)]/ε: no per-sample backward, so any attention kernel and bf16 work, at one no-grad
+    forward of the inner batch per probe. The directions depend only on ``seed`` and the parameter shapes: every
+    data-parallel replica draws the same ones, so a row's estimate does not depend on the world size.
+
+    Args:
+        params: The live trainable parameters θ (read, never modified).
+        inner_losses: θ ↦ per-unit losses [B]; called under ``torch.no_grad``.
+        base_losses: ℓ(θ) [B].
+        probes: Number of directions K; the relative error of a norm is about 1/√(2K).
+        eps: Length of each probe step.
+        seed: Seed of the directions (e.g. the outer step, so a resumed run draws the same ones).
+    """
+    names = list(params)
+    live = [params[n].detach() for n in names]
+    dims = sum(p.numel() for p in live)
+    base = _up(base_losses.detach())
+    squares = torch.zeros_like(base)
+    generator = torch.Generator(device=live[0].device).manual_seed(seed)
+    with torch.no_grad():
+        for _ in range(probes):
+            z = [torch.randn(p.shape, generator=generator, device=p.device, dtype=torch.float32) for p in live]
+            step = eps / _global_norm(z).clamp(min=1e-12)
+            shifted = {n: (_up(p) + step * d).to(p.dtype) for n, p, d in zip(names, live, z)}
+            squares += ((_up(inner_losses(shifted)) - base) / eps) ** 2
+    return (squares * dims / probes).sqrt()
 
 
 def exact_hypergradient(

@@ -19,6 +19,7 @@ from boost_lightning.bilevel.hypergradient import (
     HypergradientOptions,
     exact_hypergradient,
     first_order_hypergradient,
+    gradient_norms,
 )
 from boost_lightning.bilevel.preconditioner import adam_preconditioner
 from boost_lightning.models.policy import PolicyModel
@@ -34,6 +35,7 @@ def policy_hypergradient(
     base_losses: Tensor | None = None,
     weights: Tensor | None = None,
     granularity: str = "trajectory",
+    probe_seed: int = 0,
 ) -> Hypergradient:
     """∂L_val(θ')/∂wᵢ for every unit (row, or assistant turn) of the global inner batch, θ' = one ``optimizer``-shaped
     step on the weighted loss.
@@ -50,6 +52,7 @@ def policy_hypergradient(
         weights: [u] this rank's weights, the exact method's point of evaluation (default: uniform).
         granularity: ``trajectory`` (a unit is a row) or ``turn`` (a unit is an assistant turn). The validation loss
             stays the mean over validation rows of their agent-token NLL either way.
+        probe_seed: Seed of the random directions of ``alignment="cosine"`` (the same on every rank).
 
     Returns:
         The hypergradient with [N] per-unit fields of the global batch, identical on every rank, and this rank's
@@ -82,7 +85,19 @@ def policy_hypergradient(
         local = first_order_hypergradient(params, inner_fn, val_fn, lr, base_losses=base, eps=options.fd_eps,
                                           central=options.fd_central, batch_size=num_inner, all_reduce=all_reduce,
                                           precondition=precondition)
-    # Sync point: every rank's units, so that the head sees the global batch (N·2 floats).
-    table, _ = dp.all_gather_rows(torch.stack([local.grad_weights, local.directional], dim=1))
-    return Hypergradient(grad_weights=table[:, 0], val_loss=local.val_loss, v_norm=local.v_norm,
-                         directional=table[:, 1], val_pooled=seen["pooled"].float())
+    columns = [local.grad_weights, local.directional]
+    if options.alignment == "cosine":
+        base = (base_losses * multiplier if base_losses is not None
+                else inner_fn({n: p.detach() for n, p in params.items()}))
+        columns.append(gradient_norms(params, inner_fn, base, options.norm_probes, options.fd_eps, probe_seed))
+    # Sync point: every rank's units, so that the head sees the global batch (N·2 or N·3 floats).
+    table, _ = dp.all_gather_rows(torch.stack(columns, dim=1))
+    grad_weights, directional = table[:, 0], table[:, 1]
+    if options.alignment == "cosine":
+        # ⟨Pv, ∇ℓᵢ⟩·rms‖∇ℓ‖/‖∇ℓᵢ‖: direction only, on the dot product's scale (rms over the global batch, so the
+        # world size does not change it). A unit with no gradient (no agent token) keeps 0.
+        norms = table[:, 2]
+        scale = torch.where(norms > 0, norms.pow(2).mean().sqrt() / norms.clamp(min=1e-30), torch.zeros_like(norms))
+        grad_weights, directional = grad_weights * scale, directional * scale
+    return Hypergradient(grad_weights=grad_weights, val_loss=local.val_loss, v_norm=local.v_norm,
+                         directional=directional, val_pooled=seen["pooled"].float())

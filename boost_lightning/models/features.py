@@ -26,11 +26,14 @@ TURN_FEATURES = ("position",)
 #: Scalar features relative to the validation set (opt-in): ``val_similarity``, the cosine of a unit's pooled state to
 #: the running centroid of the validation rows' pooled states (:meth:`WeightHead.observe_validation`).
 VALIDATION_FEATURES = ("val_similarity",)
-#: Scalar features of a reference adapter trained on trusted rows only (opt-in; the module then trains one):
+#: Scalar features of a reference adapter trained on trusted rows only (on by default; the module then trains one):
 #: ``excess_loss`` (the unit's NLL under the policy minus under the reference, RHO-LOSS) and ``reference_surprise``
 #: (the observation NLL under the reference: observations the real dynamics do not produce stand out).
 REFERENCE_FEATURES = ("excess_loss", "reference_surprise")
 ALL_FEATURES = ("hidden", *SCALAR_FEATURES, *TURN_FEATURES, *VALIDATION_FEATURES, *REFERENCE_FEATURES)
+#: The head's default inputs, chosen on the benchmark (``docs/experiments.md``): the reference features are the only
+#: inputs that separate rows whose agent turns look plausible but follow other dynamics.
+DEFAULT_FEATURES = ("hidden", *SCALAR_FEATURES, *REFERENCE_FEATURES)
 
 
 def validate_feature_names(names: Sequence[str]) -> tuple[str, ...]:

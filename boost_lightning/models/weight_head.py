@@ -17,7 +17,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
-from boost_lightning.models.features import validate_feature_names
+from boost_lightning.models.features import DEFAULT_FEATURES, validate_feature_names
 
 
 class RunningNorm(nn.Module):
@@ -67,8 +67,9 @@ class WeightHead(nn.Module):
             policy on the agent and observation tokens of trusted rows only, the real rows of each inner batch and the
             validation batch: the unit's agent NLL under the policy minus under the reference, RHO-LOSS style, and
             the observation NLL under the reference, a model of the real dynamics;
-            asking for either turns the reference on, at one extra forward of the inner batch and one forward and
-            backward of the trusted rows per step). At turn
+            either one turns the reference on, at one extra forward of the inner batch and one forward and
+            backward of the trusted rows per step). Default: every feature except ``position`` and
+            ``val_similarity``; leave out both reference features for the cheaper head without a reference. At turn
             granularity each feature is the turn's (its NLL, the surprise of the reply it got, its pooled state, its
             agent tokens); return, source and turns are its trajectory's.
         hidden_size: Size of the policy's hidden state; filled in from the policy when left unset.
@@ -101,7 +102,7 @@ class WeightHead(nn.Module):
 
     def __init__(
         self,
-        features: Sequence[str] = ("hidden", "loss", "surprise", "reward", "source", "length", "turns"),
+        features: Sequence[str] = DEFAULT_FEATURES,
         hidden_size: int | None = None,
         hidden_projection: int = 32,
         mlp_width: int = 64,

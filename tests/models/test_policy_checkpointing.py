@@ -108,6 +108,7 @@ def test_boost_steps_run_with_checkpointing_and_with_bf16_mixed_on_cpu(tiny_llam
     module = BoostModule(policy, Learned(WeightHead()), policy_optimizer=lambda p: torch.optim.SGD(p, lr=0.1),
                          head_optimizer=lambda p: torch.optim.SGD(p, lr=1.0),
                          hypergradient=HypergradientOptions(lookahead_lr=0.1))
+    module.configure_model()  # the default head reads a reference adapter: build it before the copy
     before = {n: p.detach().clone() for n, p in module.named_parameters()}
     trainer = Trainer(max_epochs=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
                       enable_model_summary=False, accelerator="cpu", precision=precision)
@@ -116,6 +117,7 @@ def test_boost_steps_run_with_checkpointing_and_with_bf16_mixed_on_cpu(tiny_llam
     assert sum(module.faults.values()) == 0, module.faults
     moved = {n for n, p in module.named_parameters() if not torch.equal(before[n], p.detach())}
     assert any("lora_" in n for n in moved) and any(n.startswith("weighting.head.") for n in moved), moved
+    assert any(n.startswith("reference.") for n in moved), moved
     assert all("lora_" in n or n.startswith("weighting.head.") for n in moved), moved
     assert all(torch.isfinite(p).all() for p in module.parameters())
 

@@ -71,7 +71,10 @@ class Inputs(Callback):
 
 
 def test_only_a_head_that_reads_reference_features_gets_a_reference(tiny_llama_config, make_module, fit_module):
-    plain = make_module()
+    default = make_module()  # the default head reads both reference features
+    fit_module(default, [item(default.policy.vocab_size)])
+    assert default.reference is not None and len(default.trainer.optimizers) == 3
+    plain = reference_module(tiny_llama_config, features=("hidden", "loss", "surprise", "reward", "source"))
     fit_module(plain, [item(plain.policy.vocab_size)])
     assert plain.reference is None and not plain.weighting.needs_reference
     assert len(plain.trainer.optimizers) == 2

@@ -6,12 +6,13 @@ import pytest
 import torch
 
 from boost_lightning.models import WeightHead, effective_sample_size, ess_floor
-from boost_lightning.models.features import SCALAR_FEATURES
+from boost_lightning.models.features import DEFAULT_FEATURES
 
 
 def features(batch=8, seed=0, hidden=16):
     g = torch.Generator().manual_seed(seed)
-    return torch.randn(batch, len(SCALAR_FEATURES), generator=g), torch.randn(batch, hidden, generator=g)
+    scalars = len([name for name in DEFAULT_FEATURES if name != "hidden"])  # the default head's scalar inputs
+    return torch.randn(batch, scalars, generator=g), torch.randn(batch, hidden, generator=g)
 
 
 @pytest.mark.parametrize("reweight", ["all", "synthetic"])
