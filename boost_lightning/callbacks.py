@@ -41,7 +41,7 @@ class WeightDiagnostics(Callback):
     once and never stops training. Under DDP they come from rank zero's rows.
 
     Everything is keyed on the module's ``inner_steps`` (policy steps taken so far), not on
-    ``trainer.global_step``: under manual optimization the latter counts the optimizer steps of both levels, so
+    ``trainer.global_step``: under manual optimization the latter counts the optimizer steps of every level, so
     it would drift from the policy's progress with head warm-up, an outer cadence above one or skipped steps.
 
     Args:

@@ -22,8 +22,8 @@ where it is found; the step catches it in one place and the :class:`~boost_light
 step (no optimizer has stepped yet: every check runs before the first ``.step()``). A batch whose weights are all zero
 (``real_only`` on a batch without real rows) is skipped the same way and counted apart, never as a policy step.
 
-``trainer.global_step`` counts every optimizer ``.step()`` of both levels; the explicit ``inner_steps`` and
-``outer_steps`` counters (logged, checkpointed) are what ``max_inner_steps`` and the diagnostics read.
+``trainer.global_step`` counts every optimizer ``.step()`` (policy, head, reference adapter); the explicit
+``inner_steps`` and ``outer_steps`` counters (logged, checkpointed) are what ``max_inner_steps`` and the diagnostics read.
 
 Granularity: the weighted unit i above is a row (``granularity="trajectory"``) or one assistant turn of a row
 (``"turn"``: ℓᵢ is the turn's agent-token NLL, the sums run over every turn of the global batch, each turn carries its
@@ -108,7 +108,8 @@ class BoostModule(LightningModule):
             the weights are computed on the whole batch first, so the result does not depend on the split.
         policy_grad_clip: Max global grad norm of the policy (None: off).
         head_grad_clip: Max global grad norm of the head (None: off).
-        max_inner_steps: Stop after this many policy steps (``trainer.max_steps`` counts both levels).
+        max_inner_steps: Stop after this many policy steps (``trainer.max_steps`` counts the optimizer steps of every
+            level).
         max_consecutive_faults: Stop with an error after this many consecutive skipped steps.
         granularity: What one weight is given to. ``trajectory``: a whole row. ``turn``: each assistant turn (a
             maximal run of agent tokens in ``labels``; no change to the data) gets its own weight, from the head's

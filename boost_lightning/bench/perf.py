@@ -6,9 +6,10 @@
 
 Methods: ``sft`` (``weighting=uniform``, no hypergradient), ``boost_k4`` and ``boost_k1`` (first-order
 hypergradient every 4th / every inner step), ``boost_exact_k1`` (exact one-step unrolled hypergradient every step,
-a reference for small models), ``boost_k1_reference`` (``boost_k1`` whose head also reads the reference adapter's
-``excess_loss`` and ``reference_surprise``: one more adapter trained on the trusted rows) and ``boost_k<N>`` for
-first-order BOOST at any other outer cadence N. Every method runs the same ``BoostModule`` training step through a
+a reference for small models), ``boost_k1_policy_features`` (``boost_k1`` whose head reads the policy's features
+only: no reference adapter, whose ``excess_loss`` and ``reference_surprise`` the default head reads),
+``boost_k1_cosine`` (``alignment: cosine``, 8 norm probes) and ``boost_k<N>`` for first-order BOOST at any other
+outer cadence N. Every method runs the same ``BoostModule`` training step through a
 real ``Trainer``, LoRA r=8 on every linear layer, validation batch as large as the inner one, one repeated random
 batch; ``--compare-checkpointing`` runs every method without and with gradient checkpointing (rows
 ``<method>+ckpt``).
@@ -45,9 +46,10 @@ METHODS: dict[str, dict[str, Any]] = {
     "boost_k4": {"weighting": "learned", "outer_every_n_steps": 4},
     "boost_k1": {"weighting": "learned", "outer_every_n_steps": 1},
     "boost_exact_k1": {"weighting": "learned", "outer_every_n_steps": 1, "hypergradient": {"method": "exact"}},
-    # The default head plus the reference adapter's features (a second adapter trained on the trusted rows).
-    "boost_k1_reference": {"weighting": "learned", "outer_every_n_steps": 1, "head": {"features": [
-        "hidden", "loss", "surprise", "reward", "source", "length", "turns", "excess_loss", "reference_surprise"]}},
+    # The default head without the reference adapter (the second adapter trained on the trusted rows).
+    "boost_k1_policy_features": {"weighting": "learned", "outer_every_n_steps": 1, "head": {"features": [
+        "hidden", "loss", "surprise", "reward", "source", "length", "turns"]}},
+    "boost_k1_cosine": {"weighting": "learned", "outer_every_n_steps": 1, "hypergradient": {"alignment": "cosine"}},
 }
 
 

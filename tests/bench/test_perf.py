@@ -86,8 +86,12 @@ def test_every_method_builds_the_module_it_names():
         if expected[1] is not None:
             assert module.hparams.outer_every_n_steps == expected[1]
     assert module.hypergradient.method == "exact"
-    module = perf._build_module(PolicyModel(config=perf.tiny_config(args), r=2), perf.settings_of("boost_k1_reference"))
-    assert module.weighting.needs_reference and "excess_loss" in module.weighting.input_names
+    build = lambda method: perf._build_module(PolicyModel(config=perf.tiny_config(args), r=2),  # noqa: E731
+                                              perf.settings_of(method))
+    assert build("boost_k1").weighting.needs_reference  # the default head reads the reference adapter
+    plain = build("boost_k1_policy_features")
+    assert not plain.weighting.needs_reference and "excess_loss" not in plain.weighting.input_names
+    assert build("boost_k1_cosine").hypergradient.alignment == "cosine"
 
 
 @pytest.mark.parametrize("methods", ["sft,boost_k7x", "nope", "boost_k0", "sft,boost_k1+ckpt+ckpt"])
