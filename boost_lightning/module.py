@@ -23,7 +23,8 @@ step (no optimizer has stepped yet: every check runs before the first ``.step()`
 (``real_only`` on a batch without real rows) is skipped the same way and counted apart, never as a policy step.
 
 ``trainer.global_step`` counts every optimizer ``.step()`` (policy, head, reference adapter); the explicit
-``inner_steps`` and ``outer_steps`` counters (logged, checkpointed) are what ``max_inner_steps`` and the diagnostics read.
+``inner_steps`` and ``outer_steps`` counters (logged, checkpointed) are what ``max_inner_steps`` and the diagnostics
+read.
 
 Granularity: the weighted unit i above is a row (``granularity="trajectory"``) or one assistant turn of a row
 (``"turn"``: ℓᵢ is the turn's agent-token NLL, the sums run over every turn of the global batch, each turn carries its
