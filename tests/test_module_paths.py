@@ -170,3 +170,17 @@ def test_setup_refuses_a_tokenizer_larger_than_the_embedding_table(make_module, 
     module.trainer = SimpleNamespace(datamodule=SimpleNamespace(tokenizer=list(range(module.policy.vocab_size + 1))))
     with pytest.raises(ValueError, match="raise `vocab_size`"):
         module.setup("fit")
+
+
+def test_cosine_alignment_trains_the_head_through_the_module(make_module, fit_module, make_items):
+    items = make_items(steps=2, batch_size=6)
+    module = make_module(hypergradient=HypergradientOptions(lookahead_lr=0.1, alignment="cosine", norm_probes=4))
+    before = {n: p.detach().clone() for n, p in module.named_parameters()}
+    fit_module(module, items)
+    assert module.outer_steps == 2 and sum(module.faults.values()) == 0
+    assert _moved(before, module, "weighting.") and _moved(before, module, "policy.")
+    dot = make_module(hypergradient=HypergradientOptions(lookahead_lr=0.1))
+    fit_module(dot, items)
+    head = [n for n, _ in module.named_parameters() if n.startswith("weighting.")]
+    params, dot_params = dict(module.named_parameters()), dict(dot.named_parameters())
+    assert any(not torch.equal(params[n], dot_params[n]) for n in head)  # the alignment reaches the head's update
