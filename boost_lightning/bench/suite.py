@@ -20,6 +20,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import shutil
 import sys
 import time
 import warnings
@@ -317,6 +318,8 @@ def run_one(spec: RunSpec, preset: Preset, ctx: RunContext) -> dict[str, Any]:
     if spec.pool != MAIN_POOL:
         files["synthetic"] = _only(files["synthetic"], spec.pool, ctx.cache_dir / "pools")
     every = max(1, min(10, budget.steps // 10))
+    # A rerun (--force, or a stale result) writes its TensorBoard events afresh, not next to the old run's.
+    shutil.rmtree(ctx.out_dir / "tb" / spec.run_id, ignore_errors=True)
     args = ["fit", *cli_arguments(spec, preset, ctx, files), f"--diagnostics.every_n_steps={every}",
             "--trainer.callbacks+=boost_lightning.bench.recorder.HistoryRecorder",
             f"--trainer.callbacks.every_n_steps={every}"]
