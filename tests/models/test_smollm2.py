@@ -89,6 +89,7 @@ def test_boost_trains_lora_and_head_on_maze_data_with_the_smollm2_tokenizer(conv
                          head_optimizer=lambda p: torch.optim.Adam(p, lr=1e-1),
                          hypergradient=HypergradientOptions(lookahead_lr=1.0),
                          outer_every_n_steps=1, max_inner_steps=3)
+    module.configure_model()  # the default head reads a reference adapter: built before the copy
     before = {n: p.detach().clone() for n, p in module.named_parameters()}
     frozen = [n for n, p in module.named_parameters() if not p.requires_grad]
     dm.setup("fit")
@@ -111,5 +112,6 @@ def test_boost_trains_lora_and_head_on_maze_data_with_the_smollm2_tokenizer(conv
     moved = {n for n, p in module.named_parameters() if not torch.equal(before[n], p.detach())}
     assert any("lora_A" in n for n in moved) and any("lora_B" in n for n in moved), sorted(moved)[:5]
     assert any(n.startswith("weighting.head.") for n in moved), sorted(moved)
+    assert any(n.startswith("reference.") for n in moved), sorted(moved)
     assert not moved & set(frozen), sorted(moved & set(frozen))[:5]
     assert len(frozen) > 200  # the 30-layer base model itself, untouched
