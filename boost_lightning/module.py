@@ -135,6 +135,16 @@ class BoostModule(LightningModule):
             expected loss is the natural mix's weighted loss: a preferred source gets more rows per batch instead of
             a larger coefficient. Needs a weighting that resamples (``learned`` with ``reweight: all``) and real
             rows; leave ``data.real_fraction`` unset. Logged as ``sampling/real_share`` and ``sampling/real_rows``.
+        reference_steps: Train the reference adapter (built for a head that reads ``excess_loss`` or
+            ``reference_surprise``) during the first this many policy steps only, then freeze it, as RHO-LOSS trains its
+            reference once before the learner. A frozen reference saves a forward and backward of the validation batch
+            and the batch's real rows every step (about one SFT step); its features still cost one no-grad forward of
+            the inner batch. ``None``: trained every step of the run; ``0``: never trained (the features then compare
+            the policy with its own initial state). Ignored without a reference.
+        reference_batch_size: Train the reference adapter on the first this many rows of each step's validation batch
+            (per device) besides the inner batch's real rows, instead of on the whole validation batch: its training
+            then costs a forward and backward of that many rows, where the whole batch costs about one SFT step.
+            ``None``: the whole validation batch. Ignored without a reference.
     """
 
     def __init__(
@@ -158,6 +168,8 @@ class BoostModule(LightningModule):
         max_consecutive_faults: int = 10,
         granularity: Literal["trajectory", "turn"] = "trajectory",
         source_sampling: Literal["natural", "weights"] = "natural",
+        reference_steps: int | None = None,
+        reference_batch_size: int | None = None,
     ) -> None:
         super().__init__()
         self.schedule = BilevelSchedule(inner_accumulate_grad_batches, outer_accumulate_grad_batches,
@@ -184,6 +196,10 @@ class BoostModule(LightningModule):
             raise ValueError(f"source_sampling='weights' needs a weighting that resamples (learned with reweight: "
                              f"all); {type(self.weighting).__name__} does not")
         self.source_sampling = source_sampling
+        if reference_steps is not None and reference_steps < 0:
+            raise ValueError(f"reference_steps must be >= 0 or None, got {reference_steps}")
+        if reference_batch_size is not None and reference_batch_size < 1:
+            raise ValueError(f"reference_batch_size must be >= 1 or None, got {reference_batch_size}")
         self._natural_real_share: float | None = None  # set at setup from the data module's row counts
         self.weighting.bind(policy.hidden_size)
         self.objective = build_objective(objective)
@@ -206,6 +222,12 @@ class BoostModule(LightningModule):
     def faults(self) -> dict[str, int]:
         """Skipped steps per kind of non-finite value."""
         return self.guard.counts
+
+    @property
+    def reference_trains(self) -> bool:
+        """Whether this policy step trains the reference adapter (``reference_steps`` not yet reached)."""
+        limit = self.hparams.reference_steps
+        return self.reference is not None and (limit is None or self.inner_steps < limit)
 
     def setup(self, stage: str) -> None:
         datamodule = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
@@ -270,8 +292,8 @@ class BoostModule(LightningModule):
             if cycle.last:  # checked before the head steps: a policy step that cannot happen leaves no head step
                 check_grads_finite("grad", policy_opt)
 
-            # ---- reference adapter (trusted rows only): zero_grad → backward ---------------------------------------
-            if reference_opt is not None:
+            # ---- reference adapter (trusted rows only, until frozen): zero_grad → backward ---------------------------
+            if reference_opt is not None and self.reference_trains:
                 if cycle.first:
                     reference_opt.zero_grad()
                 self._reference_backward(inner, outer)
@@ -295,7 +317,7 @@ class BoostModule(LightningModule):
             # ---- inner level (and the reference alongside): clip → step -------------------------------------------
             if cycle.last:
                 self._clip_and_step(policy_opt, self.hparams.policy_grad_clip)
-                if reference_opt is not None:
+                if reference_opt is not None and self.reference_trains:
                     self._clip_and_step(reference_opt, self.hparams.policy_grad_clip)
                 self.inner_steps += 1
                 self.guard.succeeded()
@@ -428,11 +450,13 @@ class BoostModule(LightningModule):
     def _reference_backward(self, inner: Mapping[str, Any], outer: Mapping[str, Any]) -> None:
         """Backward of the reference adapter's loss: the mean NLL of the agent and observation tokens
         (:meth:`ReferenceAdapter.training_losses`) over the trusted rows of the global step, the inner batch's real rows
-        and the validation batch (real rows, never trained on by the policy).
+        and the validation batch (real rows, never trained on by the policy; its first ``reference_batch_size`` rows).
 
         Each rank backpropagates its rows' sum over the global count; the gradients are summed over ranks.
         """
         real = ~inner["is_synthetic"].bool()
+        if self.hparams.reference_batch_size is not None:
+            outer = take_rows(outer, 0, self.hparams.reference_batch_size)
         batches = [outer] + ([{k: v[real] for k, v in inner.items() if _is_row_tensor(v, real)}] if real.any() else [])
         count = dp.all_reduce_sum(torch.tensor(float(sum(b["input_ids"].shape[0] for b in batches)),
                                                device=inner["input_ids"].device))

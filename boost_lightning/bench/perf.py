@@ -8,8 +8,9 @@ Methods: ``sft`` (``weighting=uniform``, no hypergradient), ``boost_k4`` and ``b
 hypergradient every 4th / every inner step), ``boost_exact_k1`` (exact one-step unrolled hypergradient every step,
 a reference for small models), ``boost_k1_policy_features`` (``boost_k1`` whose head reads the policy's features
 only: no reference adapter, whose ``excess_loss`` and ``reference_surprise`` the default head reads),
-``boost_k1_cosine`` (``alignment: cosine``, 8 norm probes) and ``boost_k<N>`` for first-order BOOST at any other
-outer cadence N. Every method runs the same ``BoostModule`` training step through a
+``boost_k1_cosine`` (``alignment: cosine``, 8 norm probes), ``boost_k1_reference_frozen`` (``boost_k1`` after
+``reference_steps``: the reference adapter frozen, its features still read every step) and ``boost_k<N>`` for
+first-order BOOST at any other outer cadence N. Every method runs the same ``BoostModule`` training step through a
 real ``Trainer``, LoRA r=8 on every linear layer, validation batch as large as the inner one, one repeated random
 batch; ``--compare-checkpointing`` runs every method without and with gradient checkpointing (rows
 ``<method>+ckpt``).
@@ -50,6 +51,8 @@ METHODS: dict[str, dict[str, Any]] = {
     "boost_k1_policy_features": {"weighting": "learned", "outer_every_n_steps": 1, "head": {"features": [
         "hidden", "loss", "surprise", "reward", "source", "length", "turns"]}},
     "boost_k1_cosine": {"weighting": "learned", "outer_every_n_steps": 1, "hypergradient": {"alignment": "cosine"}},
+    # The default head once its reference is frozen (`reference_steps` reached): only its feature forward is left.
+    "boost_k1_reference_frozen": {"weighting": "learned", "outer_every_n_steps": 1, "reference_steps": 0},
 }
 
 

@@ -92,6 +92,8 @@ def test_every_method_builds_the_module_it_names():
     plain = build("boost_k1_policy_features")
     assert not plain.weighting.needs_reference and "excess_loss" not in plain.weighting.input_names
     assert build("boost_k1_cosine").hypergradient.alignment == "cosine"
+    frozen = build("boost_k1_reference_frozen")
+    assert frozen.weighting.needs_reference and frozen.hparams.reference_steps == 0
 
 
 @pytest.mark.parametrize("methods", ["sft,boost_k7x", "nope", "boost_k0", "sft,boost_k1+ckpt+ckpt"])

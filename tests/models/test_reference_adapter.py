@@ -108,18 +108,21 @@ def test_features_are_zero_excess_at_the_shared_start_and_match_a_separate_model
     assert out.excess_loss.abs().min() > 1e-4
 
 
-def test_reference_step_is_plain_sgd_on_the_trusted_rows_only(tiny_llama_config, fit_module):
-    module = reference_module(tiny_llama_config)
+@pytest.mark.parametrize("validation_rows", [None, 1])
+def test_reference_step_is_plain_sgd_on_the_trusted_rows_only(tiny_llama_config, fit_module, validation_rows):
+    module = reference_module(tiny_llama_config, reference_batch_size=validation_rows)
     vocab = module.policy.vocab_size
     step = item(vocab, seed=5)
     start = {k: v.detach().clone() for k, v in module.policy.trainable_named_parameters().items()}
     fit_module(module, [step])
 
     # By hand: one SGD step (lr 0.1) on the mean NLL of the agent and observation tokens of the inner batch's real
-    # rows and the validation batch, from a plain forward of the whole model.
+    # rows and the validation batch (its first `reference_batch_size` rows), from a plain forward of the whole model.
     hand = policy_at(tiny_llama_config, start)
     real = ~step["inner"]["is_synthetic"].bool()
-    trusted = [{k: v[real] for k, v in step["inner"].items() if isinstance(v, torch.Tensor)}, step["outer"]]
+    rows = slice(0, validation_rows)
+    trusted = [{k: v[real] for k, v in step["inner"].items() if isinstance(v, torch.Tensor)},
+               {k: v[rows] for k, v in step["outer"].items() if isinstance(v, torch.Tensor)}]
     losses = torch.cat([modelled_tokens_nll(hand, b) for b in trusted])
     params = hand.trainable_named_parameters()
     grads = torch.autograd.grad(losses.mean(), list(params.values()), allow_unused=True)
@@ -132,7 +135,7 @@ def test_reference_step_is_plain_sgd_on_the_trusted_rows_only(tiny_llama_config,
     other = copy.deepcopy(step)
     synthetic = other["inner"]["is_synthetic"].bool()
     other["inner"]["input_ids"][synthetic] = random_batch(vocab, 4, seed=77)["input_ids"][synthetic]
-    again = reference_module(tiny_llama_config)
+    again = reference_module(tiny_llama_config, reference_batch_size=validation_rows)
     fit_module(again, [other])
     for name, p in module.reference.params().items():
         torch.testing.assert_close(again.reference.params()[name], p, rtol=0, atol=1e-6)
@@ -242,3 +245,62 @@ def test_command_line_reference_features_fit_and_log_the_reference_loss(tmp_path
                     "--model.weighting.init_args.head.init_args.features=[hidden,loss,excess_loss,reference_surprise]"])
     assert cli.model.reference is not None and cli.model.inner_steps == 2
     assert "reference/loss" in cli.trainer.logged_metrics
+
+
+class ReferenceSnapshots(Callback):
+    """The reference's tensors after every training batch."""
+
+    def __init__(self):
+        self.after = []
+
+    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
+        self.after.append({n: p.detach().clone() for n, p in module.reference.named_parameters()})
+
+
+@pytest.mark.parametrize("limit", [0, 2])
+def test_reference_steps_train_the_reference_that_long_then_freeze_it(tiny_llama_config, fit_module, limit):
+    items = [item(tiny_llama_config["vocab_size"], seed=s) for s in range(4)]
+    always = reference_module(tiny_llama_config)
+    seen_always = ReferenceSnapshots()
+    fit_module(always, items, callbacks=[seen_always])
+    frozen = reference_module(tiny_llama_config, reference_steps=limit)
+    frozen.configure_model()
+    start = {n: p.detach().clone() for n, p in frozen.reference.named_parameters()}
+    seen = ReferenceSnapshots()
+    fit_module(frozen, items, callbacks=[seen])
+
+    # Up to the limit it is the same reference as one trained all run (the same steps on the same batches) ...
+    for step in range(limit):
+        for n, p in seen.after[step].items():
+            torch.testing.assert_close(p, seen_always.after[step][n], rtol=0, atol=0, msg=lambda m, n=n: f"{n}: {m}")
+    # ... and from then on it does not move, while the policy and the head still train and the features still read it.
+    last = seen.after[limit - 1] if limit else start
+    for snapshot in seen.after[limit:]:
+        assert all(torch.equal(p, last[n]) for n, p in snapshot.items())
+    assert any(not torch.equal(p, seen_always.after[-1][n]) for n, p in seen.after[-1].items())
+    assert frozen.inner_steps == frozen.outer_steps == 4 and not frozen.reference_trains
+    # Lightning's global_step counts optimizer steps: three per batch while the reference trains, two after.
+    assert frozen.trainer.global_step == 3 * limit + 2 * (4 - limit)
+
+
+def test_reference_options_refuse_bad_values(tiny_llama_config):
+    with pytest.raises(ValueError, match="reference_steps must be >= 0"):
+        reference_module(tiny_llama_config, reference_steps=-1)
+    with pytest.raises(ValueError, match="reference_batch_size must be >= 1"):
+        reference_module(tiny_llama_config, reference_batch_size=0)
+
+
+def test_a_frozen_reference_resumes_frozen(tmp_path, tiny_llama_config, fit_module, assert_same_runs):
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    items = [item(tiny_llama_config["vocab_size"], seed=s) for s in range(3)]
+    whole = reference_module(tiny_llama_config, reference_steps=4)
+    fit_module(whole, items, max_epochs=2)
+    first = reference_module(tiny_llama_config, reference_steps=4)
+    fit_module(first, items, max_epochs=1, enable_checkpointing=True,
+               callbacks=[ModelCheckpoint(dirpath=tmp_path, save_last=True, save_top_k=0)])
+    resumed = reference_module(tiny_llama_config, reference_steps=4)
+    fit_module(resumed, items, max_epochs=2, ckpt_path=str(tmp_path / "last.ckpt"))
+    assert_same_runs([whole, resumed], atol=1e-6)
+    for n, p in whole.reference.named_parameters():
+        torch.testing.assert_close(dict(resumed.reference.named_parameters())[n], p, rtol=0, atol=1e-6)
