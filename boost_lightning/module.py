@@ -140,7 +140,9 @@ class BoostModule(LightningModule):
             reference once before the learner. A frozen reference saves a forward and backward of the validation batch
             and the batch's real rows every step (about one SFT step); its features still cost one no-grad forward of
             the inner batch. ``None``: trained every step of the run; ``0``: never trained (the features then compare
-            the policy with its own initial state). Ignored without a reference.
+            the policy with its own initial state). Ignored without a reference. A reference frozen after a third of
+            the benchmark's run lost 23 points of success on guess_number (``docs/experiments.md``, entry 19): the
+            features need a reference that keeps learning the trusted rows as the policy learns.
         reference_batch_size: Train the reference adapter on the first this many rows of each step's validation batch
             (per device) besides the inner batch's real rows, instead of on the whole validation batch: its training
             then costs a forward and backward of that many rows, where the whole batch costs about one SFT step.
