@@ -233,6 +233,18 @@ def test_top_fraction_keeps_the_heaviest_rows_of_the_file_at_their_weight(tmp_pa
         FixedWeights(path, top_fraction=0.0)
 
 
+def test_equal_weights_turn_the_file_into_a_selection(tmp_path):
+    path = write_weights(tmp_path / "w.jsonl", [("real", 0, "a", 2.0), ("synthetic", 0, "b", 0.5),
+                                                ("synthetic", 1, "c", 1.0), ("synthetic", 2, "d", 0.0)])
+    batch = batch_of(["real", "synthetic", "synthetic", "synthetic"], [0, 0, 1, 2], ["a", "b", "c", "d"])
+    every = FixedWeights(path, equal_weights=True)  # a zero in the file stays out
+    assert every(every.inputs(None, batch)).tolist() == [1.0, 1.0, 1.0, 0.0]
+    half = FixedWeights(path, top_fraction=0.5, equal_weights=True)
+    assert half(half.inputs(None, batch)).tolist() == [1.0, 0.0, 1.0, 0.0]
+    assert half.select({"is_synthetic": [0.0, 1.0, 1.0, 1.0], "content_hash": ["a", "b", "c", "d"],
+                        "row_id": [0, 0, 1, 2]}) == [True, False, True, False]
+
+
 def test_a_training_row_without_a_weight_stops_with_the_file_and_the_rows(tmp_path):
     path = write_weights(tmp_path / "w.jsonl", [("real", 0, "a", 1.0), ("synthetic", 0, "b", 1.0)])
     # Same ids, other source: a real row 0 is not the synthetic row 0.

@@ -40,7 +40,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--methods", default="all",
                         help="comma list of weightings, or 'all': learned (BOOST), oracle (ground truth, the "
                              "headroom), uniform, real_only, synthetic_only, return_filter, return_softmax, "
-                             "advantage_softmax, l2rw, density_ratio, group")
+                             "advantage_softmax, l2rw, density_ratio, group; not in 'all': retrain "
+                             "(select-then-retrain: a fresh policy trained uniformly on the top half of the pool by "
+                             "the weights of the learned run of the same seed, which must have finished first)")
     parser.add_argument("--seeds", type=int, default=None,
                         help="training seeds per method and task (default: the preset's, 5 full / 1 quick); a seed "
                              "sets the policy initialisation, the head and the batch order; data and evaluation "

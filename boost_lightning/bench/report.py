@@ -44,10 +44,11 @@ HALF_WIDTH_TARGET = 0.08
 N_BOOT = 10_000
 LEVEL = 0.95
 
-#: Methods listed first, in this order; the other methods follow alphabetically, ``learned`` last.
+#: Methods listed first, in this order; the other methods follow alphabetically, ``learned`` and ``retrain`` last.
 REFERENCE_METHODS = ("oracle", "uniform", "real_only", "synthetic_only")
-#: Never the "best baseline": the oracle sees the ground truth and ``learned`` is what the baselines are compared to.
-NOT_BASELINES = ("oracle", "learned")
+#: Never the "best baseline": the oracle sees the ground truth; ``learned`` (and ``retrain``, which trains on its
+#: weights) is what the baselines are compared to.
+NOT_BASELINES = ("oracle", "learned", "retrain")
 
 #: Headings of ``results.md``, in order (the README section takes the first three).
 SECTIONS = {"headroom": "Headroom", "methods": "Methods", "utility": "Generator utility",
@@ -289,7 +290,7 @@ def headroom_recovered(method_mean: float, uniform_mean: float, oracle_mean: flo
 
 
 def order_methods(methods: Sequence[str] | Mapping[str, Any]) -> list[str]:
-    """Report order: the reference methods, the other baselines alphabetically, ``learned`` last.
+    """Report order: the reference methods, the other baselines alphabetically, ``learned`` and ``retrain`` last.
 
     Args:
         methods: Method names (duplicates allowed).
@@ -298,8 +299,9 @@ def order_methods(methods: Sequence[str] | Mapping[str, Any]) -> list[str]:
         The distinct names in report order.
     """
     present = set(methods)
-    rest = sorted(present - set(REFERENCE_METHODS) - {"learned"})
-    return [m for m in REFERENCE_METHODS if m in present] + rest + (["learned"] if "learned" in present else [])
+    boost = [m for m in ("learned", "retrain") if m in present]
+    rest = sorted(present - set(REFERENCE_METHODS) - set(boost))
+    return [m for m in REFERENCE_METHODS if m in present] + rest + boost
 
 
 # ----------------------------------------------------------------------------------------------------- tables

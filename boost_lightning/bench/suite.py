@@ -49,6 +49,11 @@ MODEL_SIZES: dict[str, dict[str, int]] = {
 
 #: The pool of the main comparison; a utility run's pool is one generator's name.
 MAIN_POOL = "all"
+#: Select-then-retrain (SEAL, arXiv 2410.07471): a fresh policy, same seed, trained uniformly on the top
+#: :data:`RETRAIN_TOP_FRACTION` of the pool by the weights the ``learned`` run of the same task and seed wrote
+#: (``weights/<task>-learned-s<seed>.jsonl``), through :class:`~boost_lightning.weightings.FixedWeights`.
+RETRAIN = "retrain"
+RETRAIN_TOP_FRACTION = 0.5
 
 
 @dataclass(frozen=True)
@@ -157,11 +162,12 @@ def resolve_methods(methods: str | Sequence[str]) -> list[str]:
     """``all`` or a comma list (or sequence) of weightings → validated list, in the given order."""
     names = methods.split(",") if isinstance(methods, str) else list(methods)
     names = [n.strip() for n in names if n.strip()]
-    if names == ["all"]:
-        return [name for name in WEIGHTINGS if name != "fixed"]  # ``fixed`` needs a file of weights
-    unknown = [n for n in names if n not in WEIGHTINGS]
+    if names == ["all"]:  # ``fixed`` needs a file of weights, ``retrain`` the learned runs' files
+        return [name for name in WEIGHTINGS if name != "fixed"]
+    known = [*WEIGHTINGS, RETRAIN]
+    unknown = [n for n in names if n not in known]
     if unknown or not names:
-        raise ValueError(f"unknown methods {unknown}; choose from {list(WEIGHTINGS)} or 'all'")
+        raise ValueError(f"unknown methods {unknown}; choose from {known} or 'all'")
     return names
 
 
@@ -290,9 +296,28 @@ def cli_arguments(spec: RunSpec, preset: Preset, ctx: RunContext, files: Mapping
         args += [f"--data.tokenizer={budget.model}", "--model.policy.init_args.config=null",
                  f"--model.policy.init_args.model_name_or_path={budget.model}",
                  "--model.policy.init_args.modules_to_save=null"]
-    if spec.method != "learned":  # the config's weighting is ``learned`` with the library's default head
+    if spec.method == RETRAIN:
+        args += retrain_arguments(spec, ctx)
+    elif spec.method != "learned":  # the config's weighting is ``learned`` with the library's default head
         args.append(f"--model.weighting={spec.method}")
     return args + list(ctx.overrides)
+
+
+def retrain_arguments(spec: RunSpec, ctx: RunContext) -> list[str]:
+    """The weighting of a :data:`RETRAIN` run: the pool weights of the ``learned`` run of the same task, seed and pool
+    in this suite, as a selection of its top :data:`RETRAIN_TOP_FRACTION`.
+
+    Raises:
+        FileNotFoundError: that ``learned`` run has not written its weights yet.
+    """
+    source = RunSpec(spec.task, "learned", spec.seed, spec.pool)
+    path = ctx.out_dir / "weights" / f"{source.run_id}.jsonl"
+    if not path.exists():
+        raise FileNotFoundError(f"{spec.run_id} retrains on the weights of {source.run_id}, which has not written "
+                                f"{path}: run --methods learned first (in the same suite, before {RETRAIN})")
+    return ["--model.weighting=boost_lightning.weightings.FixedWeights", f"--model.weighting.init_args.path={path}",
+            f"--model.weighting.init_args.top_fraction={RETRAIN_TOP_FRACTION}",
+            "--model.weighting.init_args.equal_weights=true"]
 
 
 def run_one(spec: RunSpec, preset: Preset, ctx: RunContext) -> dict[str, Any]:

@@ -55,17 +55,20 @@ class FixedWeights(Weighting):
         key: How training rows find their weight: ``hash`` or ``row_id`` (above).
         top_fraction: Keep only this fraction of the file's rows, those with the highest weights (ties kept), at
             their weight; every other row gets weight 0. ``None``: keep every row.
+        equal_weights: Give every kept row (weight > 0 in the file, and in the top fraction) weight 1: the file is then
+            a selection to train on uniformly (select-then-retrain, as SEAL does), not a set of loss coefficients.
     """
 
     input_names = ("weight",)
 
-    def __init__(self, path: str, key: Literal["row_id", "hash"] = "hash", top_fraction: float | None = None) -> None:
+    def __init__(self, path: str, key: Literal["row_id", "hash"] = "hash", top_fraction: float | None = None,
+                 equal_weights: bool = False) -> None:
         super().__init__()
         if key not in KEY_COLUMNS:
             raise ValueError(f"key must be one of {', '.join(KEY_COLUMNS)}, got {key!r}")
         if top_fraction is not None and not 0 < top_fraction <= 1:
             raise ValueError(f"top_fraction must be in (0, 1], got {top_fraction}")
-        self.path, self.key, self.top_fraction = str(path), key, top_fraction
+        self.path, self.key, self.top_fraction, self.equal_weights = str(path), key, top_fraction, equal_weights
         self.table = self._lookup_table(read_weights(path, KEY_COLUMNS[key]))
 
     def _lookup_table(self, columns: dict[str, list[Any]]) -> dict[tuple[bool, Any], float]:
@@ -79,6 +82,8 @@ class FixedWeights(Weighting):
             tensor = torch.tensor(weights, dtype=torch.float64)
             keep = top_fraction_mask(tensor, torch.ones_like(tensor, dtype=torch.bool), self.top_fraction).tolist()
             weights = [w if k else 0.0 for w, k in zip(weights, keep)]
+        if self.equal_weights:
+            weights = [1.0 if w > 0 else 0.0 for w in weights]
         groups: dict[tuple[bool, Any], list[float]] = defaultdict(list)
         for s, i, w in zip(synthetic, ids, weights):
             groups[s, i].append(w)

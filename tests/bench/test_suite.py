@@ -48,6 +48,28 @@ def test_resolve_methods():
     assert resolve_methods("uniform, learned") == ["uniform", "learned"]
     with pytest.raises(ValueError, match="nope"):
         resolve_methods("uniform,nope")
+    assert resolve_methods("learned,retrain") == ["learned", "retrain"] and "retrain" not in resolve_methods("all")
+
+
+def test_retrain_reads_the_learned_run_of_its_seed_as_a_selection(tmp_path):
+    from boost_lightning.cli import cli_main
+
+    preset = PRESETS["quick"]
+    ctx = RunContext(out_dir=tmp_path, cache_dir=tmp_path / ".cache", accelerator="cpu")
+    files = {name: f"embedded:maze/{name}" for name in ("real", "synthetic", "validation", "test")}
+    files["tokenizer"] = "embedded:maze"
+    with pytest.raises(FileNotFoundError, match=r"maze-retrain-s1 retrains on the weights of maze-learned-s1"):
+        cli_arguments(RunSpec("maze", "retrain", 1), preset, ctx, files)
+    weights = tmp_path / "weights" / "maze-learned-s1.jsonl"
+    weights.parent.mkdir()
+    weights.write_text("".join(json.dumps({"source": s, "row_id": i, "content_hash": f"h{i}", "weight": w}) + "\n"
+                               for i, (s, w) in enumerate([("real", 3.0), ("synthetic", 0.2), ("synthetic", 1.0)])))
+    args = cli_arguments(RunSpec("maze", "retrain", 1), preset, ctx, files)
+    cli = cli_main([*args, "--trainer.logger=false"], run=False)
+    weighting = cli.model.weighting
+    assert type(weighting).__name__ == "FixedWeights" and weighting.path == str(weights)
+    assert weighting.top_fraction == 0.5 and weighting.equal_weights
+    assert sorted(weighting.table.values()) == [0.0, 1.0, 1.0]  # the top half of three rows (ties kept): two
 
 
 def test_a_run_is_the_bench_config_plus_overrides_through_the_cli(tmp_path):
