@@ -7,7 +7,8 @@ Each run is ``python main.py fit --config configs/bench.yaml`` plus overrides (t
 run in-process through the same CLI, then evaluated with ``Trainer.validate`` (rollout success on held-out real
 instances, validation loss), ``Trainer.test`` (NLL on the held-out real test split) and ``Trainer.predict`` (the
 weighting's weight of every training row). ``oracle`` reads ground-truth labels a user does not have: it bounds the
-headroom every other method is measured against.
+headroom every other method is measured against. ``retrain`` (``--methods retrain``, after ``learned`` in the same
+suite) trains a fresh policy uniformly on the top half of the pool by the ``learned`` run's weights of the same seed.
 
 Writes under ``<out>/<name>/``: ``runs/<run_id>.json`` (one per finished run; a finished run is not run again, so an
 interrupted suite resumes), ``results.csv``, ``results.md``, PNG plots, TensorBoard logs in ``tb/<run_id>`` and the
