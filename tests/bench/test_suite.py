@@ -69,7 +69,7 @@ def test_retrain_reads_the_learned_run_of_its_seed_as_a_selection(tmp_path):
     weighting = cli.model.weighting
     assert type(weighting).__name__ == "FixedWeights" and weighting.path == str(weights)
     assert weighting.top_fraction == 0.5 and weighting.equal_weights
-    assert sorted(weighting.table.values()) == [0.0, 1.0, 1.0]  # the top half of three rows (ties kept): two
+    assert sorted(weighting.table.values()) == [0.0, 1.0, 1.0]  # the top half of three rows: round(1.5) = 2 kept
 
 
 def test_a_run_is_the_bench_config_plus_overrides_through_the_cli(tmp_path):
