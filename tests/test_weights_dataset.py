@@ -354,3 +354,14 @@ def test_the_readme_commands_parse_with_the_quickstart_config(tmp_path, monkeypa
     cli = cli_main(["--config", quickstart, "--model.weighting", "boost_lightning.weightings.FixedWeights",
                     "--model.weighting.init_args.path", "weights.jsonl"], run=False)
     assert isinstance(cli.model.weighting, FixedWeights) and not cli.model.weighting.learns
+
+    # The recommended recipe: score under reweight: synthetic, then retrain uniformly on the top half.
+    cli = cli_main(["--config", quickstart, "--name", "score",
+                    "--model.weighting.init_args.head.init_args.reweight", "synthetic"], run=False)
+    assert cli.model.weighting.head.reweight == "synthetic" and cli.trainer.logger.name == "score"
+    cli = cli_main(["--config", quickstart, "--name", "retrain",
+                    "--model.weighting", "boost_lightning.weightings.FixedWeights",
+                    "--model.weighting.init_args.path", "weights.jsonl", "--model.weighting.init_args.top_fraction",
+                    "0.5", "--model.weighting.init_args.equal_weights", "true"], run=False)
+    weighting = cli.model.weighting
+    assert weighting.top_fraction == 0.5 and weighting.equal_weights and cli.trainer.logger.name == "retrain"
