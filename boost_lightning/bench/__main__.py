@@ -9,6 +9,8 @@ instances, validation loss), ``Trainer.test`` (NLL on the held-out real test spl
 weighting's weight of every training row). ``oracle`` reads ground-truth labels a user does not have: it bounds the
 headroom every other method is measured against. ``retrain`` (``--methods retrain``, after ``learned`` in the same
 suite) trains a fresh policy uniformly on the top half of the pool by the ``learned`` run's weights of the same seed.
+``utility_oracle`` (``--methods utility_oracle``, after the task's ``--utility`` runs) is a second bound: real rows plus
+the generators whose measured utility is positive, since a generator's label is not its effect on the policy.
 
 Writes under ``<out>/<name>/``: ``runs/<run_id>.json`` (one per finished run; a finished run is not run again, so an
 interrupted suite resumes), ``results.csv``, ``results.md``, PNG plots, TensorBoard logs in ``tb/<run_id>`` and the
@@ -43,7 +45,9 @@ def build_parser() -> argparse.ArgumentParser:
                              "headroom), uniform, real_only, synthetic_only, return_filter, return_softmax, "
                              "advantage_softmax, l2rw, density_ratio, group; not in 'all': retrain "
                              "(select-then-retrain: a fresh policy trained uniformly on the top half of the pool by "
-                             "the weights of the learned run of the same seed, which must have finished first)")
+                             "the weights of the learned run of the same seed, which must have finished first) and "
+                             "utility_oracle (real rows + the generators of positive measured utility, a second "
+                             "bound; needs the task's --utility runs first)")
     parser.add_argument("--seeds", type=int, default=None,
                         help="training seeds per method and task (default: the preset's, 5 full / 1 quick); a seed "
                              "sets the policy initialisation, the head and the batch order; data and evaluation "

@@ -54,6 +54,12 @@ MAIN_POOL = "all"
 #: (``weights/<task>-learned-s<seed>.jsonl``), through :class:`~boost_lightning.weightings.FixedWeights`.
 RETRAIN = "retrain"
 RETRAIN_TOP_FRACTION = 0.5
+#: The utility oracle: :class:`~boost_lightning.weightings.Oracle` keeping the generators whose measured utility in
+#: this suite is positive (``--utility`` runs of the same task: mean over seeds of ``uniform`` on real + that
+#: generator, minus ``real_only``). A second bound beside the label oracle, whose labels are not utility.
+UTILITY_ORACLE = "utility_oracle"
+#: Methods that are not weightings of the registry: they are built from other runs of the suite.
+DERIVED_METHODS = (RETRAIN, UTILITY_ORACLE)
 
 
 @dataclass(frozen=True)
@@ -164,7 +170,7 @@ def resolve_methods(methods: str | Sequence[str]) -> list[str]:
     names = [n.strip() for n in names if n.strip()]
     if names == ["all"]:  # ``fixed`` needs a file of weights, ``retrain`` the learned runs' files
         return [name for name in WEIGHTINGS if name != "fixed"]
-    known = [*WEIGHTINGS, RETRAIN]
+    known = [*WEIGHTINGS, *DERIVED_METHODS]
     unknown = [n for n in names if n not in known]
     if unknown or not names:
         raise ValueError(f"unknown methods {unknown}; choose from {known} or 'all'")
@@ -298,6 +304,9 @@ def cli_arguments(spec: RunSpec, preset: Preset, ctx: RunContext, files: Mapping
                  "--model.policy.init_args.modules_to_save=null"]
     if spec.method == RETRAIN:
         args += retrain_arguments(spec, ctx)
+    elif spec.method == UTILITY_ORACLE:
+        args += ["--model.weighting=boost_lightning.weightings.Oracle",
+                 f"--model.weighting.init_args.generators={json.dumps(useful_generators(spec.task, ctx))}"]
     elif spec.method != "learned":  # the config's weighting is ``learned`` with the library's default head
         args.append(f"--model.weighting={spec.method}")
     return args + list(ctx.overrides)
@@ -318,6 +327,24 @@ def retrain_arguments(spec: RunSpec, ctx: RunContext) -> list[str]:
     return ["--model.weighting=boost_lightning.weightings.FixedWeights", f"--model.weighting.init_args.path={path}",
             f"--model.weighting.init_args.top_fraction={RETRAIN_TOP_FRACTION}",
             "--model.weighting.init_args.equal_weights=true"]
+
+
+def useful_generators(task: str, ctx: RunContext) -> list[str]:
+    """The generators of ``task`` whose utility measured in this suite is positive (:data:`UTILITY_ORACLE`).
+
+    Raises:
+        FileNotFoundError: the suite has no utility runs of ``task`` (run ``--utility`` first).
+    """
+    from boost_lightning.bench.report import load_frame, utility_table
+
+    runs = ctx.out_dir / "runs"
+    table = utility_table(load_frame(ctx.out_dir), n_boot=100) if runs.exists() else None
+    if table is None or task not in set(table["task"]) or table[table["task"] == task]["utility"].isna().all():
+        raise FileNotFoundError(f"{UTILITY_ORACLE} keeps the generators of {task} with a positive utility, and "
+                                f"{runs} has no utility runs of {task}: run --tasks {task} --utility first (in the "
+                                f"same suite, before {UTILITY_ORACLE})")
+    table = table[table["task"] == task]
+    return sorted(str(g) for g in table.loc[table["utility"] > 0, "generator"])
 
 
 def run_one(spec: RunSpec, preset: Preset, ctx: RunContext) -> dict[str, Any]:

@@ -24,6 +24,7 @@ from boost_lightning.bench.report import (
     headroom_table,
     iqm,
     load_frame,
+    markdown,
     markdown_table,
     method_table,
     paired_bootstrap,
@@ -207,6 +208,22 @@ def test_method_table_pairs_against_uniform_and_the_best_baseline():
     no_oracle = method_table(frame_from_records([r for r in suite_records() if r["row"]["method"] != "oracle"]),
                              n_boot=100)
     assert no_oracle["headroom_recovered"].isna().all()
+
+
+def test_the_utility_oracle_is_a_second_bound_never_a_baseline():
+    records = suite_records() + [record("maze", "utility_oracle", seed, 1.0) for seed in range(3)]
+    frame = frame_from_records(records)
+    headroom = headroom_table(frame).set_index("task")
+    assert headroom.loc["maze", "utility_oracle"] == pytest.approx(1.0)
+    assert math.isnan(headroom.loc["guess", "utility_oracle"])
+    maze = method_table(frame, n_boot=100).set_index("method").loc[lambda t: t["task"] == "maze"]
+    assert list(maze.index[:3]) == ["oracle", "utility_oracle", "uniform"]
+    # (0.65 − 0.45) of the label oracle's 0.40 and of the utility oracle's 0.55.
+    assert maze.loc["learned", "headroom_recovered"] == pytest.approx(0.5)
+    assert maze.loc["learned", "headroom_recovered_utility"] == pytest.approx(0.2 / 0.55)
+    assert maze.loc["learned", "baseline"] == "l2rw" and maze.loc["uniform", "baseline"] == "l2rw"
+    assert method_table(frame_from_records(suite_records()), n_boot=100)["headroom_recovered_utility"].isna().all()
+    assert "| `utility_oracle` |" in markdown(frame) and "utility_oracle %" in markdown(frame)
 
 
 def test_utility_sign_and_weight_analysis():

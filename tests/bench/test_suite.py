@@ -49,6 +49,7 @@ def test_resolve_methods():
     with pytest.raises(ValueError, match="nope"):
         resolve_methods("uniform,nope")
     assert resolve_methods("learned,retrain") == ["learned", "retrain"] and "retrain" not in resolve_methods("all")
+    assert resolve_methods("utility_oracle") == ["utility_oracle"] and "utility_oracle" not in resolve_methods("all")
 
 
 def test_retrain_reads_the_learned_run_of_its_seed_as_a_selection(tmp_path):
@@ -70,6 +71,30 @@ def test_retrain_reads_the_learned_run_of_its_seed_as_a_selection(tmp_path):
     assert type(weighting).__name__ == "FixedWeights" and weighting.path == str(weights)
     assert weighting.top_fraction == 0.5 and weighting.equal_weights
     assert sorted(weighting.table.values()) == [0.0, 1.0, 1.0]  # the top half of three rows: round(1.5) = 2 kept
+
+
+def test_the_utility_oracle_keeps_the_generators_of_positive_measured_utility(tmp_path):
+    from boost_lightning.cli import cli_main
+
+    preset = PRESETS["quick"]
+    ctx = RunContext(out_dir=tmp_path, cache_dir=tmp_path / ".cache", accelerator="cpu")
+    files = {name: f"embedded:maze/{name}" for name in ("real", "synthetic", "validation", "test")}
+    files["tokenizer"] = "embedded:maze"
+    with pytest.raises(FileNotFoundError, match=r"no utility runs of maze: run --tasks maze --utility first"):
+        cli_arguments(RunSpec("maze", "utility_oracle", 0), preset, ctx, files)
+    runs = tmp_path / "runs"
+    runs.mkdir()
+    # real_only at 0.3 and 0.5; over the two seeds "good" adds +0.1, "bad" −0.2, "flat" 0 (not kept).
+    results = [("real_only", "all", 0.3, 0.5), ("uniform", "good", 0.5, 0.5), ("uniform", "bad", 0.1, 0.3),
+               ("uniform", "flat", 0.3, 0.5), ("uniform", "all", 0.9, 0.9)]
+    for method, pool, *values in results:
+        for seed, value in enumerate(values):
+            row = {"task": "maze", "method": method, "seed": seed, "pool": pool, "success_rate": value}
+            (runs / f"maze-{method}-{pool}-s{seed}.json").write_text(json.dumps({"row": row}))
+    args = cli_arguments(RunSpec("maze", "utility_oracle", 0), preset, ctx, files)
+    assert '--model.weighting.init_args.generators=["good"]' in args
+    weighting = cli_main([*args, "--trainer.logger=false"], run=False).model.weighting
+    assert type(weighting).__name__ == "Oracle" and weighting.generators == {"good"}
 
 
 def test_a_run_is_the_bench_config_plus_overrides_through_the_cli(tmp_path):

@@ -37,6 +37,18 @@ def test_oracle_keeps_real_rows_and_the_helpful_synthetic_rows():
     assert Oracle(key="good").select({"is_synthetic": [1], "reward": [0.0], "meta": [{"good": 1}]}) == [True]
 
 
+def test_oracle_with_generators_keeps_their_rows_whatever_their_label():
+    meta = [{"generator": "expert"}, {"generator": "sim", "helpful": False}, {"generator": "noisy", "helpful": True},
+            {"generator": "sim", "helpful": True}, {}]
+    batch = {"is_synthetic": torch.tensor([0.0, 1, 1, 1, 1]), "meta": meta}
+    oracle = Oracle(generators=["sim"])
+    assert torch.equal(oracle(oracle.inputs(_out(5), batch)), torch.tensor([1.0, 1, 0, 1, 0]))
+    rows = {"is_synthetic": [0, 1, 1, 1, 1], "reward": [0.0] * 5, "meta": meta}
+    assert oracle.select(rows) == [True, True, False, True, False]
+    # No generator kept: real rows only (not the label).
+    assert Oracle(generators=[]).select(rows) == [True, False, False, False, False]
+
+
 def test_return_filter_cuts_the_whole_pool_once_then_keeps_every_drawn_row_at_or_above_the_cut():
     rows = {"is_synthetic": [0, 1, 1, 1, 1], "reward": [5.0, 0.95, 0.2, 0.8, -1.0], "meta": [{}] * 5}
     weighting = ReturnFilter(0.5)
