@@ -52,13 +52,18 @@ def test_resolve_methods():
     assert resolve_methods("utility_oracle") == ["utility_oracle"] and "utility_oracle" not in resolve_methods("all")
 
 
-def test_retrain_reads_the_learned_run_of_its_seed_as_a_selection(tmp_path):
-    from boost_lightning.cli import cli_main
-
-    preset = PRESETS["quick"]
+@pytest.fixture
+def maze_run(tmp_path):
+    """A quick-preset suite context under ``tmp_path`` and maze's embedded splits."""
     ctx = RunContext(out_dir=tmp_path, cache_dir=tmp_path / ".cache", accelerator="cpu")
     files = {name: f"embedded:maze/{name}" for name in ("real", "synthetic", "validation", "test")}
-    files["tokenizer"] = "embedded:maze"
+    return PRESETS["quick"], ctx, {**files, "tokenizer": "embedded:maze"}
+
+
+def test_retrain_reads_the_learned_run_of_its_seed_as_a_selection(tmp_path, maze_run):
+    from boost_lightning.cli import cli_main
+
+    preset, ctx, files = maze_run
     with pytest.raises(FileNotFoundError, match=r"maze-retrain-s1 retrains on the weights of maze-learned-s1"):
         cli_arguments(RunSpec("maze", "retrain", 1), preset, ctx, files)
     weights = tmp_path / "weights" / "maze-learned-s1.jsonl"
@@ -73,13 +78,10 @@ def test_retrain_reads_the_learned_run_of_its_seed_as_a_selection(tmp_path):
     assert sorted(weighting.table.values()) == [0.0, 1.0, 1.0]  # the top half of three rows: round(1.5) = 2 kept
 
 
-def test_the_utility_oracle_keeps_the_generators_of_positive_measured_utility(tmp_path):
+def test_the_utility_oracle_keeps_the_generators_of_positive_measured_utility(tmp_path, maze_run):
     from boost_lightning.cli import cli_main
 
-    preset = PRESETS["quick"]
-    ctx = RunContext(out_dir=tmp_path, cache_dir=tmp_path / ".cache", accelerator="cpu")
-    files = {name: f"embedded:maze/{name}" for name in ("real", "synthetic", "validation", "test")}
-    files["tokenizer"] = "embedded:maze"
+    preset, ctx, files = maze_run
     with pytest.raises(FileNotFoundError, match=r"no utility runs of maze: run --tasks maze --utility first"):
         cli_arguments(RunSpec("maze", "utility_oracle", 0), preset, ctx, files)
     runs = tmp_path / "runs"
