@@ -58,6 +58,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--utility", action="store_true",
                         help="also measure each generator's utility: uniform trained on real rows + that generator "
                              "only, minus real_only, over the preset's utility seeds")
+    parser.add_argument("--leave-one-out", action="store_true",
+                        help="also measure each generator's value inside the pool: uniform on the whole pool minus "
+                             "uniform on the pool without that generator, over the preset's utility seeds")
     parser.add_argument("--name", default=None,
                         help="suite name: results go to <out>/<name> (default: 'quick' or 'full' after the preset)")
     parser.add_argument("--out", default="logs/bench", help="root directory of suites and their data cache")
@@ -162,7 +165,7 @@ def main(argv: list[str] | None = None) -> int:
 
     start = time.perf_counter()
     if not args.report_only:
-        specs = plan(preset, tasks, methods, args.seeds, utility=args.utility)
+        specs = plan(preset, tasks, methods, args.seeds, utility=args.utility, leave_one_out=args.leave_one_out)
         if args.shard:
             k, n = (int(x) for x in args.shard.split("/"))
             specs = specs[k::n]

@@ -4,14 +4,17 @@ Every comparison between two methods is paired by seed: a seed fixes a run's pol
 and the synthetic pool is the same for every seed, so two methods on the same seed differ by their weighting (and
 the noise that remains). Intervals are percentile intervals of a bootstrap that resamples seed pairs.
 
-``results.md`` has four tables, in this order:
+``results.md`` has five tables, in this order:
 
 * headroom: per task, whether the task leaves room to reweight (oracle, uniform and real-only success);
 * methods: per task and method (pool ``all``), success with its paired difference to ``uniform`` and to the best
   non-oracle baseline, probability of improvement, share of the headroom recovered, test NLL;
 * utility: per task and generator ``g``, success of ``uniform`` trained on the real rows and ``g``'s rows only,
   minus that of ``real_only``;
-* weight analysis: per task, whether ``learned`` weighs generators by their measured utility.
+* leave-one-out: per task and generator ``g``, success of ``uniform`` on the whole pool minus that of ``uniform``
+  on the pool without ``g`` (what ``g`` is worth inside the mix);
+* weight analysis: per task, whether ``learned`` weighs generators by their measured utility (and leave-one-out
+  value).
 
 pandas, scipy (and tabulate, rliable when installed) are imported here only, not by the rest of the package.
 """
@@ -28,12 +31,12 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from boost_lightning.bench.suite import LEAVE_OUT_PREFIX, MAIN_POOL
+
 #: ``results.csv`` columns before the ``weight/<generator>`` ones.
 BASE_COLUMNS = ("task", "method", "seed", "pool", "success_rate", "episodes", "val_loss", "test_nll",
                 "train_seconds", "ess_fraction")
 WEIGHT_PREFIX = "weight/"
-#: Pool of the main comparison; any other pool names the one generator a utility run trains on.
-MAIN_POOL = "all"
 
 #: Targets of a task worth benchmarking: the oracle solves it and reweighting has room to matter.
 ORACLE_TARGET = 0.70
@@ -52,7 +55,7 @@ NOT_BASELINES = ("oracle", "utility_oracle", "learned", "retrain")
 
 #: Headings of ``results.md``, in order (the README section takes the first three).
 SECTIONS = {"headroom": "Headroom", "methods": "Methods", "utility": "Generator utility",
-            "weights": "Weight analysis"}
+            "leave_one_out": "Leave-one-out value", "weights": "Weight analysis"}
 README_BEGIN = "<!-- bench:results:begin -->"
 README_END = "<!-- bench:results:end -->"
 
@@ -436,20 +439,48 @@ def utility_table(frame: pd.DataFrame, n_boot: int = N_BOOT, seed: int = 0) -> p
     Returns:
         Columns ``task, generator, n, utility, low, high, harmful, learned_weight``; tasks and generators sorted.
     """
+    return _generator_table(frame, leave_out=False, n_boot=n_boot, seed=seed)
+
+
+def leave_one_out_table(frame: pd.DataFrame, n_boot: int = N_BOOT, seed: int = 0) -> pd.DataFrame:
+    """Per task and generator ``g``: what ``g``'s rows are worth inside the whole pool.
+
+    value(g) = mean over shared seeds of success(``uniform``, pool ``all``) − success(``uniform``, pool
+    ``without-g``), with its paired interval; ``harmful`` when negative (the pool does better without ``g``). Unlike
+    the utility (real + ``g`` alone), it counts what the other generators already teach.
+
+    Args:
+        frame: Runs as from :func:`load_frame`.
+        n_boot: Bootstrap samples per interval.
+        seed: Seed of every bootstrap.
+
+    Returns:
+        The columns of :func:`utility_table`, the value in ``utility``.
+    """
+    return _generator_table(frame, leave_out=True, n_boot=n_boot, seed=seed)
+
+
+def _generator_table(frame: pd.DataFrame, leave_out: bool, n_boot: int, seed: int) -> pd.DataFrame:
+    pools = frame["pool"].fillna(MAIN_POOL).astype(str)
+    runs_of = (frame["method"] == "uniform") & (pools != MAIN_POOL) & (pools.str.startswith(LEAVE_OUT_PREFIX)
+                                                                       == leave_out)
     rows = []
-    utility_runs = frame[(frame["method"] == "uniform") & (frame["pool"] != MAIN_POOL) & frame["pool"].notna()]
-    for task, group in utility_runs.groupby("task", sort=True):
+    for task, group in frame[runs_of].groupby("task", sort=True):
         main = _main(frame[frame["task"] == task])
-        real = main[main["method"] == "real_only"].groupby("seed")["success_rate"].mean()
+        reference = main[main["method"] == ("uniform" if leave_out else "real_only")]
+        reference = reference.groupby("seed")["success_rate"].mean()
         weights = learned_generator_weights(frame, task)
-        for generator, runs in group.groupby("pool", sort=True):
+        for pool, runs in group.groupby("pool", sort=True):
+            generator = pool[len(LEAVE_OUT_PREFIX):] if leave_out else pool
             values = runs.groupby("seed")["success_rate"].mean()
-            d, lo, hi = paired_bootstrap(values, real, n_boot, seed)
-            rows.append({"task": task, "generator": generator, "n": len(_align(values, real)[0]), "utility": d,
+            a, b = (reference, values) if leave_out else (values, reference)
+            d, lo, hi = paired_bootstrap(a, b, n_boot, seed)
+            rows.append({"task": task, "generator": generator, "n": len(_align(a, b)[0]), "utility": d,
                          "low": lo, "high": hi, "harmful": None if math.isnan(d) else bool(d < 0),
                          "learned_weight": float(weights.get(generator, math.nan))})
     table = pd.DataFrame(rows, columns=["task", "generator", "n", "utility", "low", "high", "harmful",
                                         "learned_weight"])
+    table = table.sort_values(["task", "generator"], kind="stable").reset_index(drop=True)
     table["harmful"] = table["harmful"].astype("boolean")
     return table
 
@@ -542,24 +573,27 @@ def _row_weight_quality_rho(records: Sequence[Mapping[str, Any]], task: str) -> 
 
 
 def weight_analysis(frame: pd.DataFrame, records: Sequence[Mapping[str, Any]] = (),
-                    utility: pd.DataFrame | None = None) -> pd.DataFrame:
+                    utility: pd.DataFrame | None = None, leave_one_out: pd.DataFrame | None = None) -> pd.DataFrame:
     """Per task with ``learned`` runs: do the learned weights follow what each generator is worth?
 
     Columns: ``generators`` (with both a learned weight and a measured utility); ``rho_utility``, Spearman's ρ of
     the mean learned weight per generator and the generator's utility; ``rho_quality``, ρ of row weight and
     ground-truth row quality over the synthetic rows of each ``learned`` run's ``weights`` record, averaged over
     seeds (``weight_seeds`` of them); ``harmful_helpful_ratio``, the mean learned weight of harmful generators
-    (utility < 0) over that of helpful ones (utility > 0).
+    (utility < 0) over that of helpful ones (utility > 0); ``rho_leave_one_out``, ρ of the mean learned weight and
+    the generator's leave-one-out value (NaN without those runs).
 
     Args:
         frame: Runs as from :func:`load_frame`.
         records: The run records (for the per-row ``weights``); without them ``rho_quality`` is NaN.
         utility: :func:`utility_table` of ``frame`` when already computed.
+        leave_one_out: :func:`leave_one_out_table` of ``frame`` when already computed.
 
     Returns:
         One row per task that has ``learned`` runs in the main comparison, tasks sorted.
     """
     utility = utility_table(frame) if utility is None else utility
+    leave_one_out = leave_one_out_table(frame) if leave_one_out is None else leave_one_out
     main = _main(frame)
     rows = []
     for task in sorted(main.loc[main["method"] == "learned", "task"].unique()):
@@ -571,10 +605,14 @@ def weight_analysis(frame: pd.DataFrame, records: Sequence[Mapping[str, Any]] = 
         ratio = (float(harmful.mean() / helpful.mean()) if harmful.size and helpful.size and helpful.mean() > 0
                  else math.nan)
         rho_quality, seeds = _row_weight_quality_rho(records, task)
+        value = leave_one_out[leave_one_out["task"] == task].set_index("generator")["utility"].dropna()
+        in_both = [g for g in weights.index if g in value.index]
         rows.append({"task": task, "generators": len(shared), "rho_utility": spearman(w, u),
-                     "rho_quality": rho_quality, "weight_seeds": seeds, "harmful_helpful_ratio": ratio})
+                     "rho_quality": rho_quality, "weight_seeds": seeds, "harmful_helpful_ratio": ratio,
+                     "rho_leave_one_out": spearman(weights[in_both].to_numpy(dtype=float),
+                                                   value[in_both].to_numpy(dtype=float))})
     return pd.DataFrame(rows, columns=["task", "generators", "rho_utility", "rho_quality", "weight_seeds",
-                                       "harmful_helpful_ratio"])
+                                       "harmful_helpful_ratio", "rho_leave_one_out"])
 
 
 # --------------------------------------------------------------------------------------------------- markdown
@@ -672,13 +710,13 @@ def _method_display(table: pd.DataFrame) -> pd.DataFrame:
     })
 
 
-def _utility_display(table: pd.DataFrame) -> pd.DataFrame:
+def _utility_display(table: pd.DataFrame, value: str = "utility (points)") -> pd.DataFrame:
     rows = table.to_dict("records")
     return pd.DataFrame({
         "task": table["task"],
         "generator": table["generator"].map(lambda g: f"`{g}`"),
         "seeds": table["n"].astype(str),
-        "utility (points)": [_interval(r["utility"], r["low"], r["high"]) for r in rows],
+        value: [_interval(r["utility"], r["low"], r["high"]) for r in rows],
         "harmful": table["harmful"].map(lambda v: _flag(v, "yes", "no")),
         "learned weight": table["learned_weight"].map(_num),
     })
@@ -692,6 +730,7 @@ def _weights_display(table: pd.DataFrame) -> pd.DataFrame:
         "ρ(row weight, quality)": table["rho_quality"].map(_num),
         "seeds with row weights": table["weight_seeds"].astype(str),
         "weight harmful / helpful": table["harmful_helpful_ratio"].map(_num),
+        "ρ(learned weight, leave-one-out)": table["rho_leave_one_out"].map(_num),
     })
 
 
@@ -709,6 +748,10 @@ _DESCRIPTIONS = {
     "utility": "Utility of each generator: success of `uniform` trained on the real rows plus that generator's "
                "rows only, minus `real_only`'s, in points over shared seeds with its 95 % paired-bootstrap "
                "interval; harmful when negative; `learned`'s mean weight of the generator's rows beside it.",
+    "leave_one_out": "Value of each generator inside the pool: success of `uniform` on the whole pool minus that of "
+                     "`uniform` on the pool without that generator, in points over shared seeds with its 95 % "
+                     "paired-bootstrap interval (negative: the pool does better without it); `learned`'s mean "
+                     "weight of the generator's rows beside it.",
     "weights": "Whether `learned` weighs generators by utility: Spearman ρ of its mean weight per generator and "
                "the generator's utility, ρ of row weight and ground-truth row quality (mean over seeds), and the "
                "mean weight of harmful generators over that of helpful ones (< 1: harmful ones weigh less).",
@@ -728,14 +771,16 @@ def report_sections(frame: pd.DataFrame, records: Sequence[Mapping[str, Any]] = 
     Returns:
         ``{key: markdown}`` in section order; a section without data says so instead of a table.
     """
-    utility = utility_table(frame, n_boot, seed)
+    utility, leave_one_out = utility_table(frame, n_boot, seed), leave_one_out_table(frame, n_boot, seed)
     tables = {"headroom": (headroom_table(frame), _headroom_display),
               "methods": (method_table(frame, n_boot, seed), _method_display),
               "utility": (utility, _utility_display),
-              "weights": (weight_analysis(frame, records, utility), _weights_display)}
+              "leave_one_out": (leave_one_out, lambda t: _utility_display(t, "value in the pool (points)")),
+              "weights": (weight_analysis(frame, records, utility, leave_one_out), _weights_display)}
     empty = {"headroom": "No runs in the main comparison (pool `all`).",
              "methods": "No runs in the main comparison (pool `all`).",
              "utility": "No utility runs (`uniform` on a single generator's pool).",
+             "leave_one_out": "No leave-one-out runs (`uniform` on the pool without one generator).",
              "weights": "No `learned` runs in the main comparison."}
     return {key: _DESCRIPTIONS[key] + "\n\n" + (markdown_table(display(table)) if len(table) else empty[key])
             for key, (table, display) in tables.items()}

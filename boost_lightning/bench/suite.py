@@ -49,6 +49,8 @@ MODEL_SIZES: dict[str, dict[str, int]] = {
 
 #: The pool of the main comparison; a utility run's pool is one generator's name.
 MAIN_POOL = "all"
+#: A leave-one-out run's pool: ``without-<generator>``, the main pool without that generator's rows.
+LEAVE_OUT_PREFIX = "without-"
 #: Select-then-retrain (SEAL, arXiv 2410.07471): a fresh policy, same seed, trained uniformly on the top
 #: :data:`RETRAIN_TOP_FRACTION` of the pool by the weights the ``learned`` run of the same task and seed wrote
 #: (``weights/<task>-learned-s<seed>.jsonl``), through :class:`~boost_lightning.weightings.FixedWeights`.
@@ -130,7 +132,8 @@ class RunSpec:
         task: Embedded task.
         method: Weighting (``learned`` is BOOST, ``oracle`` the ground-truth bound, the rest baselines).
         seed: Seed of the initialisation, the batch order and the head.
-        pool: ``all`` (the main comparison) or one generator: the run trains on real rows + that generator's rows.
+        pool: ``all`` (the main comparison); one generator: the run trains on real rows + that generator's rows (a
+            utility run); or ``without-<generator>``: the main pool without that generator's rows (leave-one-out).
     """
 
     task: str
@@ -141,8 +144,10 @@ class RunSpec:
     @property
     def run_id(self) -> str:
         """A file-name-safe id of everything that changes the result."""
-        only = "" if self.pool == MAIN_POOL else f"-only-{self.pool}"
-        return f"{self.task}-{self.method}-s{self.seed}{only}"
+        if self.pool == MAIN_POOL:
+            return f"{self.task}-{self.method}-s{self.seed}"
+        pool = self.pool if self.pool.startswith(LEAVE_OUT_PREFIX) else f"only-{self.pool}"
+        return f"{self.task}-{self.method}-s{self.seed}-{pool}"
 
 
 @dataclass
@@ -191,10 +196,12 @@ def generators(task: str, budget: TaskBudget) -> list[str]:
 
 
 def plan(preset: Preset, tasks: Sequence[str], methods: Sequence[str], seeds: int | None = None,
-         utility: bool = False) -> list[RunSpec]:
+         utility: bool = False, leave_one_out: bool = False) -> list[RunSpec]:
     """The runs of a suite: every task × method × seed, seed-major (a suite stopped part-way already has every method
     on every task), then with ``utility`` the utility runs (``uniform`` on real + each generator; ``real_only`` is
-    added to the main runs when missing, as the utility's reference).
+    added to the main runs when missing, as the utility's reference), and with ``leave_one_out`` the leave-one-out
+    runs (``uniform`` on the pool without each generator; ``uniform`` on the whole pool is their reference). Both
+    over the preset's utility seeds.
     """
     seeds = preset.seeds if seeds is None else seeds
     specs = [RunSpec(task, method, seed) for seed in range(seeds) for task in tasks for method in methods]
@@ -204,6 +211,12 @@ def plan(preset: Preset, tasks: Sequence[str], methods: Sequence[str], seeds: in
                 if "real_only" not in methods:
                     specs.append(RunSpec(task, "real_only", seed))
                 specs += [RunSpec(task, "uniform", seed, g) for g in generators(task, preset.budgets[task])]
+    if leave_one_out and preset.utility_seeds:
+        for task in tasks:
+            for seed in range(preset.utility_seeds):
+                specs.append(RunSpec(task, "uniform", seed))
+                specs += [RunSpec(task, "uniform", seed, LEAVE_OUT_PREFIX + g)
+                          for g in generators(task, preset.budgets[task])]
     return list(dict.fromkeys(specs))
 
 
@@ -272,15 +285,23 @@ def _quiet() -> None:
         warnings.filterwarnings("ignore", message=pattern)
 
 
-def _only(path: Path, generator: str, out: Path) -> Path:
-    """The rows of one generator of a synthetic JSONL file, written once next to the suite's cache."""
-    target = out / f"{path.parent.name}-{hashlib.sha256(generator.encode()).hexdigest()[:8]}-{generator}.jsonl"
+def pool_file(path: Path, pool: str, out: Path) -> Path:
+    """The synthetic JSONL file of a utility or leave-one-out ``pool``: one generator's rows of ``path`` (pool
+    ``<generator>``) or all but its rows (``without-<generator>``), written once next to the suite's cache.
+
+    Raises:
+        ValueError: ``path`` has no row of that generator.
+    """
+    leave_out = pool.startswith(LEAVE_OUT_PREFIX)
+    generator = pool[len(LEAVE_OUT_PREFIX):] if leave_out else pool
+    target = out / f"{path.parent.name}-{hashlib.sha256(pool.encode()).hexdigest()[:8]}-{pool}.jsonl"
     if not target.exists():
         from boost_lightning.envs.synthesize import read_jsonl, write_jsonl
 
-        rows = [r for r in read_jsonl(path) if r["meta"]["generator"] == generator]
-        if not rows:
+        rows = read_jsonl(path)
+        if not any(r["meta"]["generator"] == generator for r in rows):
             raise ValueError(f"no rows of generator {generator!r} in {path}")
+        rows = [r for r in rows if (r["meta"]["generator"] == generator) != leave_out]
         write_file_atomically(target, lambda tmp: write_jsonl(tmp, rows))
     return target
 
@@ -368,7 +389,7 @@ def run_one(spec: RunSpec, preset: Preset, ctx: RunContext) -> dict[str, Any]:
     budget = preset.budgets[spec.task]
     files = dict(embedded_splits(spec.task, cache_dir=ctx.cache_dir / "embedded", **data_settings(budget)))
     if spec.pool != MAIN_POOL:
-        files["synthetic"] = _only(files["synthetic"], spec.pool, ctx.cache_dir / "pools")
+        files["synthetic"] = pool_file(files["synthetic"], spec.pool, ctx.cache_dir / "pools")
     every = max(1, min(10, budget.steps // 10))
     # A rerun (--force, or a stale result) writes its TensorBoard events afresh, not next to the old run's.
     shutil.rmtree(ctx.out_dir / "tb" / spec.run_id, ignore_errors=True)

@@ -23,6 +23,7 @@ from boost_lightning.bench.report import (
     headroom_recovered,
     headroom_table,
     iqm,
+    leave_one_out_table,
     load_frame,
     markdown,
     markdown_table,
@@ -43,6 +44,8 @@ GENERATORS = ("gA", "gB", "gC", "gD")
 #: Learned mean weight per generator, and the utility each generator's pool run is built to have.
 LEARNED_WEIGHT = {"gA": 1.5, "gB": 0.5, "gC": 1.2, "gD": 0.9}
 UTILITY = {"gA": 0.30, "gB": -0.10, "gC": 0.05, "gD": 0.10}
+#: What each generator is built to be worth inside the pool: uniform minus uniform without it.
+LEAVE_ONE_OUT = {"gA": 0.10, "gB": -0.05, "gC": 0.0, "gD": 0.20}
 MAZE = {"oracle": (0.90, 0.80, 0.85), "uniform": (0.40, 0.50, 0.45), "real_only": (0.20, 0.30, 0.25),
         "learned": (0.60, 0.70, 0.65), "l2rw": (0.50, 0.55, 0.60), "return_filter": (0.00, 0.90, 0.45)}
 GUESS = {"oracle": (0.60, 0.60), "uniform": (0.50, 0.50), "real_only": (0.55, 0.55)}
@@ -70,6 +73,8 @@ def suite_records() -> list[dict]:
     records += [record("guess", m, seed, v) for m, values in GUESS.items() for seed, v in enumerate(values)]
     records += [record("maze", "uniform", seed, real + UTILITY[g], pool=g)
                 for g in GENERATORS for seed, real in enumerate(MAZE["real_only"])]
+    records += [record("maze", "uniform", seed, full - LEAVE_ONE_OUT[g], pool=f"without-{g}")
+                for g in GENERATORS for seed, full in enumerate(MAZE["uniform"])]
     # Row weights of two learned seeds: ρ(weight, quality) = 1 and 0.5, mean 0.75.
     rows = {0: [1.0, 2.0, 3.0], 1: [1.0, 3.0, 2.0]}
     for r in records:
@@ -247,6 +252,20 @@ def test_utility_sign_and_weight_analysis():
     assert math.isnan(weight_analysis(frame).loc[0, "rho_quality"])  # no records, no row weights
 
 
+def test_leave_one_out_value_is_the_pool_minus_the_pool_without_the_generator():
+    frame = frame_from_records(suite_records())
+    table = leave_one_out_table(frame, n_boot=2000)
+    assert list(table["task"]) == ["maze"] * 4 and list(table["generator"]) == list(GENERATORS)
+    table = table.set_index("generator")
+    for g, value in LEAVE_ONE_OUT.items():
+        assert (table.loc[g, "utility"], table.loc[g, "low"], table.loc[g, "high"]) == pytest.approx((value,) * 3)
+        assert bool(table.loc[g, "harmful"]) == (value < 0) and table.loc[g, "n"] == 3
+    # Weights 1.5, 0.5, 1.2, 0.9 against values 0.1, −0.05, 0, 0.2: ranks (4, 1, 3, 2) vs (3, 1, 2, 4), ρ = 0.4.
+    assert weight_analysis(frame).loc[0, "rho_leave_one_out"] == pytest.approx(0.4)
+    no_runs = frame[~frame["pool"].str.startswith("without-")]
+    assert leave_one_out_table(no_runs).empty and math.isnan(weight_analysis(no_runs).loc[0, "rho_leave_one_out"])
+
+
 # ---------------------------------------------------------------------------------------------- files and text
 
 
@@ -275,7 +294,8 @@ def test_markdown_sections_in_order(tmp_path):
     head = md.split("\n## ", 1)[0]
     assert f"`{command}`" in head
     headings = [line for line in md.splitlines() if line.startswith("## ")]
-    assert headings == ["## Headroom", "## Methods", "## Generator utility", "## Weight analysis"]
+    assert headings == ["## Headroom", "## Methods", "## Generator utility", "## Leave-one-out value",
+                        "## Weight analysis"]
     for section in md.split("\n## ")[1:]:
         lines = [line for line in section.splitlines()[1:] if line.strip()]
         assert not lines[0].startswith("|") and lines[1].startswith("|")  # a one-line description, then the table

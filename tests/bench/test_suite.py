@@ -19,6 +19,7 @@ from boost_lightning.bench.suite import (
     generators,
     is_finished,
     plan,
+    pool_file,
     resolve_methods,
     result_path,
 )
@@ -40,6 +41,29 @@ def test_plan_is_seed_major_and_adds_utility_runs_with_their_reference():
     assert all(s.method == "uniform" for s in utility)
     assert {s.run_id for s in with_utility if s.method == "real_only"} == {"maze-real_only-s0", "maze-real_only-s1"}
     assert RunSpec("maze", "uniform", 3, "hacked-sim").run_id == "maze-uniform-s3-only-hacked-sim"
+
+
+def test_leave_one_out_runs_drop_one_generator_from_the_pool(tmp_path):
+    preset = replace(PRESETS["full"], utility_seeds=2)
+    specs = plan(preset, ["maze"], ["learned"], seeds=1, leave_one_out=True)
+    maze = generators("maze", preset.budgets["maze"])
+    left_out = [s for s in specs if s.pool != MAIN_POOL]
+    assert {s.pool for s in left_out} == {f"without-{g}" for g in maze} and len(left_out) == 2 * len(maze)
+    assert {s.run_id for s in specs if s.pool == MAIN_POOL and s.method == "uniform"} == {"maze-uniform-s0",
+                                                                                           "maze-uniform-s1"}
+    assert RunSpec("maze", "uniform", 1, "without-hacked-sim").run_id == "maze-uniform-s1-without-hacked-sim"
+    source = tmp_path / "data" / "synthetic.jsonl"
+    source.parent.mkdir()
+    source.write_text("".join(json.dumps({"messages": [], "meta": {"generator": g, "i": i}}) + "\n"
+                              for i, g in enumerate(["a", "b", "a", "c"])))
+
+    def generators_of(pool):
+        return [(r["meta"]["generator"], r["meta"]["i"])
+                for r in map(json.loads, pool_file(source, pool, tmp_path / "pools").read_text().splitlines())]
+
+    assert generators_of("without-a") == [("b", 1), ("c", 3)] and generators_of("a") == [("a", 0), ("a", 2)]
+    with pytest.raises(ValueError, match="no rows of generator 'z'"):
+        pool_file(source, "without-z", tmp_path / "pools")
 
 
 def test_resolve_methods():
