@@ -31,7 +31,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from boost_lightning.bench.suite import LEAVE_OUT_PREFIX, MAIN_POOL
+from boost_lightning.bench.suite import LEAVE_OUT_PREFIX, MAIN_POOL, pool_generator
 
 #: ``results.csv`` columns before the ``weight/<generator>`` ones.
 BASE_COLUMNS = ("task", "method", "seed", "pool", "success_rate", "episodes", "val_loss", "test_nll",
@@ -471,7 +471,7 @@ def _generator_table(frame: pd.DataFrame, leave_out: bool, n_boot: int, seed: in
         reference = reference.groupby("seed")["success_rate"].mean()
         weights = learned_generator_weights(frame, task)
         for pool, runs in group.groupby("pool", sort=True):
-            generator = pool[len(LEAVE_OUT_PREFIX):] if leave_out else pool
+            generator, _ = pool_generator(pool)
             values = runs.groupby("seed")["success_rate"].mean()
             a, b = (reference, values) if leave_out else (values, reference)
             d, lo, hi = paired_bootstrap(a, b, n_boot, seed)

@@ -205,17 +205,14 @@ def plan(preset: Preset, tasks: Sequence[str], methods: Sequence[str], seeds: in
     """
     seeds = preset.seeds if seeds is None else seeds
     specs = [RunSpec(task, method, seed) for seed in range(seeds) for task in tasks for method in methods]
-    if utility and preset.utility_seeds:
+    # (reference method, pool of a generator); a reference run already in ``specs`` keeps its place (dict.fromkeys).
+    kinds = ([("real_only", "{}")] if utility else []) + ([("uniform", LEAVE_OUT_PREFIX + "{}")] if leave_one_out
+                                                          else [])
+    for reference, pool in kinds:
         for task in tasks:
             for seed in range(preset.utility_seeds):
-                if "real_only" not in methods:
-                    specs.append(RunSpec(task, "real_only", seed))
-                specs += [RunSpec(task, "uniform", seed, g) for g in generators(task, preset.budgets[task])]
-    if leave_one_out and preset.utility_seeds:
-        for task in tasks:
-            for seed in range(preset.utility_seeds):
-                specs.append(RunSpec(task, "uniform", seed))
-                specs += [RunSpec(task, "uniform", seed, LEAVE_OUT_PREFIX + g)
+                specs.append(RunSpec(task, reference, seed))
+                specs += [RunSpec(task, "uniform", seed, pool.format(g))
                           for g in generators(task, preset.budgets[task])]
     return list(dict.fromkeys(specs))
 
@@ -285,6 +282,13 @@ def _quiet() -> None:
         warnings.filterwarnings("ignore", message=pattern)
 
 
+def pool_generator(pool: str) -> tuple[str, bool]:
+    """``(generator, leave_out)`` of a utility pool (``<generator>``) or a leave-one-out pool
+    (``without-<generator>``)."""
+    leave_out = pool.startswith(LEAVE_OUT_PREFIX)
+    return (pool[len(LEAVE_OUT_PREFIX):] if leave_out else pool), leave_out
+
+
 def pool_file(path: Path, pool: str, out: Path) -> Path:
     """The synthetic JSONL file of a utility or leave-one-out ``pool``: one generator's rows of ``path`` (pool
     ``<generator>``) or all but its rows (``without-<generator>``), written once next to the suite's cache.
@@ -292,8 +296,7 @@ def pool_file(path: Path, pool: str, out: Path) -> Path:
     Raises:
         ValueError: ``path`` has no row of that generator.
     """
-    leave_out = pool.startswith(LEAVE_OUT_PREFIX)
-    generator = pool[len(LEAVE_OUT_PREFIX):] if leave_out else pool
+    generator, leave_out = pool_generator(pool)
     target = out / f"{path.parent.name}-{hashlib.sha256(pool.encode()).hexdigest()[:8]}-{pool}.jsonl"
     if not target.exists():
         from boost_lightning.envs.synthesize import read_jsonl, write_jsonl
