@@ -17,6 +17,10 @@ from boost_lightning.models.weight_head import WeightHead
 from boost_lightning.weightings.base import Weighting
 
 
+#: How the hypergradient reaches the head's scores (:class:`Learned`'s ``score_update``).
+SCORE_UPDATES = ("chain", "exponentiated")
+
+
 class Learned(Weighting):
     """wᵢ = head(featuresᵢ), normalised over the batch; the head is the outer level's learner.
 
@@ -32,14 +36,25 @@ class Learned(Weighting):
             omitted.
         source_momentum: With ``source_sampling="weights"``: the weight of each batch in the running per-source
             mass (an exponential moving average over training batches).
+        score_update: How the hypergradient g = ∂L_val/∂w reaches the head. ``chain``: the head minimises
+            Σᵢ gᵢ·wᵢ(φ), the chain rule through the batch normalisation; under softmax row i's score then moves by
+            wᵢ·(gᵢ − ḡ_w), so a row whose weight has fallen near 0 gets no gradient and cannot come back, however
+            well aligned it becomes later. ``exponentiated``: the head minimises Σᵢ (gᵢ − ḡ_w)·log ŵᵢ(φ), ŵ the
+            weight before normalisation and ḡ_w the weighted mean of g over the rows the head normalises: an
+            exponentiated-gradient (mirror-descent) step on the weights, as in DoReMi and the ``group`` weighting,
+            which moves every row's log-weight by its own centred hypergradient whatever its weight.
     """
 
     learns = True
 
-    def __init__(self, head: WeightHead | None = None, source_momentum: float = 0.1) -> None:
+    def __init__(self, head: WeightHead | None = None, source_momentum: float = 0.1,
+                 score_update: str = "chain") -> None:
         super().__init__()
         if not 0 < source_momentum <= 1:
             raise ValueError(f"source_momentum must be in (0, 1], got {source_momentum}")
+        if score_update not in SCORE_UPDATES:
+            raise ValueError(f"score_update must be one of {SCORE_UPDATES}, got {score_update!r}")
+        self.score_update = score_update
         self.head = head if head is not None else WeightHead()
         self.source_momentum = source_momentum
         # Buffers: checkpointed, and restored with the feature statistics when a step is skipped.
@@ -110,8 +125,20 @@ class Learned(Weighting):
     def outer_loss(self, inputs: Tensor, grad_weights: Tensor) -> Tensor:
         """Σᵢ gᵢ·wᵢ(φ) + regulariser: its gradient in φ is Σᵢ gᵢ ∂wᵢ/∂φ, the chain rule through the head."""
         scalars, pooled, synthetic = self._split(inputs)
-        weights = self._importance_corrected(self.head(scalars, pooled, synthetic), synthetic)
-        return (grad_weights.to(weights.dtype) * weights).sum() + self.head.regularization(weights)
+        scores = self.head.scores(scalars, pooled)
+        weights = self._importance_corrected(self.head.normalize(scores, synthetic), synthetic)
+        g = grad_weights.to(weights.dtype)
+        if self.score_update == "chain":
+            return (g * weights).sum() + self.head.regularization(weights)
+        # Exponentiated gradient: d/ds of the chain surrogate is wᵢ(gᵢ − ḡ_w)/T under softmax; dropping the factor wᵢ
+        # (the natural gradient on the simplex) keeps rows near weight 0 in the competition.
+        free = synthetic >= 0.5 if self.head.reweight == "synthetic" else torch.ones_like(synthetic, dtype=torch.bool)
+        if not bool(free.any()):
+            return self.head.regularization(weights) + 0.0 * scores.sum()
+        w, g = weights.detach()[free], g[free]
+        centred = g - (w * g).sum() / w.sum().clamp(min=1e-30)
+        log_weights = self.head.log_unnormalized(scores)[free]
+        return (centred * log_weights).sum() + self.head.regularization(weights)
 
     def _observe_sources(self, scores: Tensor, synthetic: Tensor) -> None:
         """Fold each source's log-mean unnormalised weight of this batch into the running per-source mass."""
