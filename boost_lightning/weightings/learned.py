@@ -16,7 +16,6 @@ from boost_lightning.models.policy import TrajectoryOutput
 from boost_lightning.models.weight_head import WeightHead
 from boost_lightning.weightings.base import Weighting
 
-
 #: How the hypergradient reaches the head's scores (:class:`Learned`'s ``score_update``).
 SCORE_UPDATES = ("chain", "exponentiated")
 

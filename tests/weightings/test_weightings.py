@@ -4,8 +4,10 @@ import math
 
 import pytest
 import torch
+from torch import Tensor
 
 from boost_lightning.bilevel.hypergradient import Hypergradient
+from boost_lightning.models import WeightHead
 from boost_lightning.weightings import (
     L2RW,
     WEIGHTINGS,
@@ -87,3 +89,49 @@ def test_short_names_and_objects_build_the_same_weighting():
     with pytest.raises(ValueError, match="unknown weighting 'filtered_bc'"):
         build_weighting("filtered_bc")
     assert all(issubclass(cls, Weighting) for cls in WEIGHTINGS.values())
+
+
+def _score_gradient(score_update: str, reweight: str, scores: Tensor, g: Tensor, synthetic: Tensor,
+                    monkeypatch) -> Tensor:
+    """∂(outer surrogate)/∂scores of a Learned weighting whose head returns ``scores`` (T = 2, features: reward)."""
+    head = WeightHead(features=["reward"], temperature=2.0, reweight=reweight)
+    head.bind(4)
+    weighting = Learned(head=head, score_update=score_update)
+    leaf = scores.clone().requires_grad_(True)
+    monkeypatch.setattr(head, "scores", lambda scalars, pooled=None: leaf)
+    inputs = torch.stack([torch.zeros_like(scores), synthetic], dim=1)  # [reward, source]
+    weighting.outer_loss(inputs, g).backward()
+    return leaf.grad
+
+
+@pytest.mark.parametrize("reweight", ["all", "synthetic"])
+def test_score_updates_move_scores_by_the_centred_hypergradient_with_or_without_the_weight(reweight, monkeypatch):
+    scores = torch.tensor([0.5, -1.0, 2.0, 0.0, -3.0])
+    synthetic = torch.tensor([0.0, 1.0, 1.0, 1.0, 0.0])
+    g = torch.tensor([0.3, -0.2, 0.7, 0.1, -0.5])
+    free = synthetic.bool() if reweight == "synthetic" else torch.ones(5, dtype=torch.bool)
+    w = torch.ones(5)
+    w[free] = torch.softmax(scores[free] / 2.0, 0) * int(free.sum())
+    g_bar = (w[free] * g[free]).sum() / w[free].sum()
+    # By hand: softmax weights, T = 2; the rows the head does not normalise (real rows under "synthetic") get none.
+    expected_chain = torch.where(free, w * (g - g_bar) / 2.0, torch.zeros(5))
+    expected_exponentiated = torch.where(free, (g - g_bar) / 2.0, torch.zeros(5))
+    assert torch.allclose(_score_gradient("chain", reweight, scores, g, synthetic, monkeypatch), expected_chain,
+                          atol=1e-6)
+    assert torch.allclose(_score_gradient("exponentiated", reweight, scores, g, synthetic, monkeypatch),
+                          expected_exponentiated, atol=1e-6)
+
+
+def test_a_row_near_weight_zero_still_moves_under_the_exponentiated_update(monkeypatch):
+    scores = torch.tensor([0.0, 0.0, 0.0, -40.0])  # row 3 weighs ~e^-20
+    synthetic = torch.ones(4)
+    g = torch.tensor([0.0, 0.0, 0.0, -1.0])  # ... and is the only row that would lower the validation loss
+    chain = _score_gradient("chain", "all", scores, g, synthetic, monkeypatch)
+    exponentiated = _score_gradient("exponentiated", "all", scores, g, synthetic, monkeypatch)
+    assert abs(float(chain[3])) < 1e-8  # stuck: its weight scales its own gradient
+    assert float(exponentiated[3]) == pytest.approx(-0.5, abs=1e-6)  # (g − ḡ_w)/T with ḡ_w ≈ 0: descent raises it
+
+
+def test_score_update_is_validated():
+    with pytest.raises(ValueError, match="score_update"):
+        Learned(score_update="natural")
