@@ -16,7 +16,8 @@ Writes under ``<out>/<name>/``: ``runs/<run_id>.json`` (one per finished run; a 
 interrupted suite resumes), ``results.csv``, ``results.md``, PNG plots, TensorBoard logs in ``tb/<run_id>`` and the
 pool weights of every run in ``weights/``. ``--readme README.md`` rewrites the README's benchmark section from the
 results. Other benchmarks of this package: ``python -m boost_lightning.bench.perf`` (step time, tokens/s and memory vs
-SFT), ``.data`` (tokenization), ``.envs`` (simulators).
+SFT), ``.data`` (tokenization), ``.envs`` (simulators), ``.alignment`` (the one-step alignment per generator at
+snapshots of one run).
 """
 
 from __future__ import annotations
