@@ -413,3 +413,76 @@ class TrajectoryWeightWriter(BasePredictionWriter):
         if pa.types.is_list(kind) or pa.types.is_large_list(kind):
             return cls._has_empty_struct(kind.value_type)
         return False
+
+
+class AlignmentWriter(Callback):
+    """After training, scores every ``predict`` row (``--data.predict train``: real and synthetic) by the outer level's
+    own signal at the trained policy and writes a weights file that
+    :class:`~boost_lightning.weightings.FixedWeights` reads: select-then-retrain on the one-step alignment rather than
+    on the head's weights.
+
+    A row's ``alignment`` is ⟨P·v, ∇ℓᵢ⟩: v the gradient of the mean validation loss over the whole validation split,
+    P the policy optimizer's Adam preconditioner, as in the first-order hypergradient (positive: a step on the row
+    lowers the validation loss). Cost: one validation forward and backward, then two no-grad forwards of every scored
+    row. Its ``weight`` is its rank, 2·rank/(n + 1) (mean 1, ordered as the alignment), so that ``top_fraction``
+    selects the best-aligned rows; its ``score`` is the alignment.
+
+    Single process only: under data parallelism it warns and writes nothing.
+
+    Args:
+        output_path: Where to write (``.jsonl``, ``.parquet``, or a dataset directory). Default: ``alignment.jsonl``
+            under ``trainer.log_dir`` or ``default_root_dir``.
+        eps: Length of the forward-difference step along P·v.
+    """
+
+    def __init__(self, output_path: str | None = None, eps: float = 1e-2) -> None:
+        if eps <= 0:
+            raise ValueError(f"eps must be > 0, got {eps}")
+        self.output_path = output_path
+        self.eps = eps
+        self.written_to: Path | None = None
+
+    def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self.write(trainer, pl_module)
+
+    def write(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        """Score and write now (``trainer`` must still hold the policy's optimizer, as at the end of ``fit``)."""
+        from boost_lightning.bilevel.policy import row_alignment, validation_direction
+        from boost_lightning.bilevel.preconditioner import adam_preconditioner
+
+        if trainer.world_size > 1:
+            rank_zero_warn("AlignmentWriter scores in a single process only; nothing written")
+            return
+        datamodule = trainer.datamodule
+        datamodule.setup("predict")
+        policy = pl_module.policy
+        was_training = policy.training
+        policy.eval()
+        params = policy.trainable_named_parameters()
+        optimizer = trainer.optimizers[0]
+        precondition = adam_preconditioner(getattr(optimizer, "optimizer", optimizer), list(params.values()))
+
+        def on_device(batch: Any) -> Any:
+            return trainer.strategy.batch_to_device(batch, pl_module.device)
+
+        direction = validation_direction(policy, params, [on_device(b) for b in datamodule.val_dataloader()],
+                                         precondition)
+        scored: list[dict[str, Any]] = []
+        for batch in datamodule.predict_dataloader():
+            batch = on_device(batch)
+            values = row_alignment(policy, params, direction, [batch], self.eps).tolist()
+            hashes = batch.get("content_hash")
+            scored += [{"row_id": int(batch["row_id"][i]), "task_id": batch["task_id"][i],
+                        "source": "synthetic" if float(batch["is_synthetic"][i]) > 0.5 else "real",
+                        **({"content_hash": hashes[i]} if hashes is not None else {}),
+                        "score": value, "features": {"alignment": value}} for i, value in enumerate(values)]
+        policy.train(was_training)
+        rows = TrajectoryWeightWriter._with_originals(scored, datamodule)
+        order = sorted(range(len(rows)), key=lambda i: rows[i]["score"])
+        for rank, i in enumerate(order, start=1):
+            rows[i]["weight"] = 2 * rank / (len(rows) + 1)
+            rows[i]["features"] = rows[i].pop("features")
+        path = (Path(self.output_path) if self.output_path
+                else Path(trainer.log_dir or trainer.default_root_dir) / "alignment.jsonl")
+        TrajectoryWeightWriter._write(rows, path, TrajectoryWeightWriter().resolve_format(path))
+        self.written_to = path

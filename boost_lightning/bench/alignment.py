@@ -30,6 +30,7 @@ import torch
 from lightning.pytorch import Callback
 from torch import Tensor
 
+from boost_lightning.bilevel.policy import row_alignment, validation_direction
 from boost_lightning.bilevel.preconditioner import adam_preconditioner
 
 #: Policy steps at which the default run is snapshotted.
@@ -65,26 +66,9 @@ class Snapshot:
 
     def direction(self, policy, validation: Sequence[Mapping[str, Any]]) -> list[Tensor]:
         """P_t·v_t, v_t = ∇ of the mean agent-token NLL over every row of ``validation`` (a list of batches)."""
-        params = {n: p.clone().requires_grad_(True) for n, p in self.params.items()}
-        rows = sum(int(b["input_ids"].shape[0]) for b in validation)
-        loss = sum(policy.trajectory_forward(b, params, aux=False).loss.sum() for b in validation) / rows
-        v = [g.detach() for g in torch.autograd.grad(loss, list(params.values()))]
         precondition = None if self.optimizer is None else adam_preconditioner(self.optimizer,
                                                                                list(self.params.values()))
-        return v if precondition is None else list(precondition(v))
-
-
-def alignment(policy, snapshot: Snapshot, direction: Sequence[Tensor], batches: Sequence[Mapping[str, Any]],
-              eps: float = 1e-2) -> Tensor:
-    """⟨direction, ∇ℓᵢ(θ_t)⟩ for every row of ``batches`` at ``snapshot``'s θ_t, by a forward difference of length
-    ``eps`` along the direction (as :func:`~boost_lightning.bilevel.hypergradient.first_order_hypergradient`)."""
-    norm = torch.sqrt(sum((d.double() ** 2).sum() for d in direction)).clamp(min=1e-12)
-    step = eps / float(norm)
-    shifted = {n: p + step * d for (n, p), d in zip(snapshot.params.items(), direction)}
-    with torch.no_grad():
-        out = [(policy.functional_losses(b, shifted) - policy.functional_losses(b, snapshot.params)) / step
-               for b in batches]
-    return torch.cat(out)
+        return validation_direction(policy, self.params, validation, precondition)
 
 
 class SnapshotRecorder(Callback):
@@ -147,9 +131,10 @@ def measure(policy, snapshots: Mapping[int, Snapshot], validation: Sequence[Mapp
     last = steps[-1]
     found: dict[str, list[float]] = {}
     for t in steps:
-        found[str(t)] = alignment(policy, snapshots[t], directions[t], batches, eps).tolist()
+        found[str(t)] = row_alignment(policy, snapshots[t].params, directions[t], batches, eps).tolist()
         if t != last:
-            found[f"{t}@{last}"] = alignment(policy, snapshots[t], directions[last], batches, eps).tolist()
+            found[f"{t}@{last}"] = row_alignment(policy, snapshots[t].params, directions[last], batches,
+                                                   eps).tolist()
     return found
 
 
@@ -231,7 +216,10 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         cli = cli_main(fit)
     finally:
         sys.argv = argv_
-    recorder = next(c for c in cli.trainer.callbacks if isinstance(c, SnapshotRecorder))
+    # The CLI builds the callback from its import path: under ``python -m`` that is not this ``__main__``'s class.
+    from boost_lightning.bench.alignment import SnapshotRecorder as Recorder
+
+    recorder = next(c for c in cli.trainer.callbacks if isinstance(c, Recorder))
     policy = cli.model.policy.eval()
     batches, groups = pool_sample(cli.datamodule, files, args.rows_per_generator)
     validation = list(cli.datamodule.val_dataloader())

@@ -60,8 +60,13 @@ RETRAIN_TOP_FRACTION = 0.5
 #: this suite is positive (``--utility`` runs of the same task: mean over seeds of ``uniform`` on real + that
 #: generator, minus ``real_only``). A second bound beside the label oracle, whose labels are not utility.
 UTILITY_ORACLE = "utility_oracle"
+#: Select-then-retrain on the outer level's own signal: as :data:`RETRAIN`, but the top of the pool by each row's
+#: one-step alignment with the validation loss at the end of the ``learned`` run
+#: (:class:`~boost_lightning.callbacks.AlignmentWriter`, ``weights/<task>-learned-s<seed>-alignment.jsonl``) instead of
+#: by the head's weights.
+RETRAIN_ALIGNMENT = "retrain_alignment"
 #: Methods that are not weightings of the registry: they are built from other runs of the suite.
-DERIVED_METHODS = (RETRAIN, UTILITY_ORACLE)
+DERIVED_METHODS = (RETRAIN, RETRAIN_ALIGNMENT, UTILITY_ORACLE)
 
 
 @dataclass(frozen=True)
@@ -326,7 +331,7 @@ def cli_arguments(spec: RunSpec, preset: Preset, ctx: RunContext, files: Mapping
         args += [f"--data.tokenizer={budget.model}", "--model.policy.init_args.config=null",
                  f"--model.policy.init_args.model_name_or_path={budget.model}",
                  "--model.policy.init_args.modules_to_save=null"]
-    if spec.method == RETRAIN:
+    if spec.method in (RETRAIN, RETRAIN_ALIGNMENT):
         args += retrain_arguments(spec, ctx)
     elif spec.method == UTILITY_ORACLE:
         args += ["--model.weighting=boost_lightning.weightings.Oracle",
@@ -337,20 +342,26 @@ def cli_arguments(spec: RunSpec, preset: Preset, ctx: RunContext, files: Mapping
 
 
 def retrain_arguments(spec: RunSpec, ctx: RunContext) -> list[str]:
-    """The weighting of a :data:`RETRAIN` run: the pool weights of the ``learned`` run of the same task, seed and pool
-    in this suite, as a selection of its top :data:`RETRAIN_TOP_FRACTION`.
+    """The weighting of a :data:`RETRAIN` (:data:`RETRAIN_ALIGNMENT`) run: the pool weights (alignment ranks) of the
+    ``learned`` run of the same task, seed and pool in this suite, as a selection of its top
+    :data:`RETRAIN_TOP_FRACTION`.
 
     Raises:
         FileNotFoundError: that ``learned`` run has not written its weights yet.
     """
     source = RunSpec(spec.task, "learned", spec.seed, spec.pool)
-    path = ctx.out_dir / "weights" / f"{source.run_id}.jsonl"
+    path = learned_weights_path(ctx, source, alignment=spec.method == RETRAIN_ALIGNMENT)
     if not path.exists():
         raise FileNotFoundError(f"{spec.run_id} retrains on the weights of {source.run_id}, which has not written "
-                                f"{path}: run --methods learned first (in the same suite, before {RETRAIN})")
+                                f"{path}: run --methods learned first (in the same suite, before {spec.method})")
     return ["--model.weighting=boost_lightning.weightings.FixedWeights", f"--model.weighting.init_args.path={path}",
             f"--model.weighting.init_args.top_fraction={RETRAIN_TOP_FRACTION}",
             "--model.weighting.init_args.equal_weights=true"]
+
+
+def learned_weights_path(ctx: RunContext, spec: RunSpec, alignment: bool = False) -> Path:
+    """Where a run writes its pool weights (``predict``), or with ``alignment`` its rows' alignment ranks."""
+    return ctx.out_dir / "weights" / f"{spec.run_id}{'-alignment' if alignment else ''}.jsonl"
 
 
 def useful_generators(task: str, ctx: RunContext) -> list[str]:
@@ -382,7 +393,7 @@ def run_one(spec: RunSpec, preset: Preset, ctx: RunContext) -> dict[str, Any]:
     from lightning.pytorch import Trainer
 
     from boost_lightning.bench.recorder import HistoryRecorder
-    from boost_lightning.callbacks import TrajectoryWeightWriter
+    from boost_lightning.callbacks import AlignmentWriter, TrajectoryWeightWriter
     from boost_lightning.cli import cli_main
     from boost_lightning.envs.base import EVAL_SEED_START
     from boost_lightning.envs.embedded import embedded_splits
@@ -409,7 +420,9 @@ def run_one(spec: RunSpec, preset: Preset, ctx: RunContext) -> dict[str, Any]:
     recorder = next(c for c in cli.trainer.callbacks if isinstance(c, HistoryRecorder))
 
     module, dm = cli.model, cli.datamodule
-    weights_file = ctx.out_dir / "weights" / f"{spec.run_id}.jsonl"
+    if spec.method == "learned":  # the outer signal at the trained policy, for RETRAIN_ALIGNMENT (not timed)
+        AlignmentWriter(str(learned_weights_path(ctx, spec, alignment=True))).write(cli.trainer, module)
+    weights_file = learned_weights_path(ctx, spec)
     rollout = RolloutEvaluation(env=spec.task, num_episodes=preset.episodes, max_new_tokens=preset.max_new_tokens,
                                 batch_size=min(preset.episodes, 64), seed=EVAL_SEED_START, num_transcripts=2)
     evaluator = Trainer(accelerator=ctx.accelerator, devices=1, precision=ctx.precision, logger=cli.trainer.logger,

@@ -8,11 +8,11 @@ from boost_lightning.bilevel.hypergradient import (
     first_order_hypergradient,
     gradient_norms,
 )
-from boost_lightning.bilevel.policy import policy_hypergradient
+from boost_lightning.bilevel.policy import policy_hypergradient, row_alignment, validation_direction
 from boost_lightning.bilevel.preconditioner import adam_preconditioner
 from boost_lightning.bilevel.schedule import BilevelSchedule, Cycle
 from boost_lightning.bilevel.tradeoff import Tradeoff, tradeoff, weighted_mmd
 
 __all__ = ["BilevelSchedule", "Cycle", "Hypergradient", "HypergradientOptions", "Tradeoff", "adam_preconditioner",
-           "exact_hypergradient", "first_order_hypergradient", "gradient_norms", "policy_hypergradient", "tradeoff",
-           "weighted_mmd"]
+           "exact_hypergradient", "first_order_hypergradient", "gradient_norms", "policy_hypergradient",
+           "row_alignment", "tradeoff", "validation_direction", "weighted_mmd"]

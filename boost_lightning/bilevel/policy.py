@@ -7,7 +7,7 @@ and a pair of collated batches (plain torch; data parallel through :mod:`boost_l
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
@@ -21,7 +21,7 @@ from boost_lightning.bilevel.hypergradient import (
     first_order_hypergradient,
     gradient_norms,
 )
-from boost_lightning.bilevel.preconditioner import adam_preconditioner
+from boost_lightning.bilevel.preconditioner import Precondition, adam_preconditioner
 from boost_lightning.models.policy import PolicyModel
 
 
@@ -101,3 +101,37 @@ def policy_hypergradient(
         grad_weights, directional = grad_weights * scale, directional * scale
     return Hypergradient(grad_weights=grad_weights, val_loss=local.val_loss, v_norm=local.v_norm,
                          directional=directional, val_pooled=seen["pooled"].float())
+
+
+def validation_direction(policy: PolicyModel, params: Mapping[str, Tensor], validation: Sequence[Mapping[str, Any]],
+                         precondition: Precondition | None = None) -> list[Tensor]:
+    """P·v at ``params``, v = ∇ of the mean agent-token NLL over every row of ``validation`` (a sequence of batches):
+    the direction along which :func:`row_alignment` measures each row, computed once for any number of rows.
+
+    Args:
+        policy: The policy (its trainable tensors are replaced by ``params``; nothing live moves).
+        params: The trainable tensors θ to take the gradient at.
+        validation: Validation batches; the loss is the mean over all their rows.
+        precondition: The inner optimizer's preconditioner P (:func:`adam_preconditioner`); None: P = I.
+    """
+    leaves = {n: p.detach().clone().requires_grad_(True) for n, p in params.items()}
+    rows = sum(int(b["input_ids"].shape[0]) for b in validation)
+    loss = sum(policy.trajectory_forward(b, leaves, aux=False).loss.sum() for b in validation) / rows
+    v = [g.detach() for g in torch.autograd.grad(loss, list(leaves.values()))]
+    return v if precondition is None else list(precondition(v))
+
+
+def row_alignment(policy: PolicyModel, params: Mapping[str, Tensor], direction: Sequence[Tensor],
+                  batches: Sequence[Mapping[str, Any]] | Any, eps: float = 1e-2) -> Tensor:
+    """⟨direction, ∇ℓᵢ(θ)⟩ for every row of ``batches`` (an iterable of batches), by a forward difference of length
+    ``eps`` along the direction, as :func:`~boost_lightning.bilevel.hypergradient.first_order_hypergradient` does for
+    one inner batch. With :func:`validation_direction`'s P·v, positive means a step on the row lowers the validation
+    loss. Two no-grad forwards per batch."""
+    norm = torch.sqrt(sum((d.double() ** 2).sum() for d in direction)).clamp(min=1e-12)
+    step = eps / float(norm)
+    base = {n: p.detach() for n, p in params.items()}
+    shifted = {n: p + step * d.to(p.dtype) for (n, p), d in zip(base.items(), direction)}
+    with torch.no_grad():
+        found = [(policy.functional_losses(b, shifted).double() - policy.functional_losses(b, base).double()) / step
+                 for b in batches]
+    return torch.cat(found) if found else torch.zeros(0, dtype=torch.float64)
