@@ -365,3 +365,37 @@ def test_the_readme_commands_parse_with_the_quickstart_config(tmp_path, monkeypa
                     "0.5", "--model.weighting.init_args.equal_weights", "true"], run=False)
     weighting = cli.model.weighting
     assert weighting.top_fraction == 0.5 and weighting.equal_weights and cli.trainer.logger.name == "retrain"
+
+
+def test_alignment_writer_ranks_every_pool_row_by_its_alignment_at_the_trained_policy(make_datamodule, make_module,
+                                                                                       inputs, tmp_path):
+    from boost_lightning.bilevel.policy import row_alignment, validation_direction
+    from boost_lightning.bilevel.preconditioner import adam_preconditioner
+    from boost_lightning.callbacks import AlignmentWriter
+
+    path = tmp_path / "alignment.jsonl"
+    writer = AlignmentWriter(str(path))
+    module = make_module("uniform", policy_optimizer=lambda p: torch.optim.AdamW(p, lr=1e-2))
+    datamodule = make_datamodule(predict="train")
+    trainer = Trainer(accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                      enable_model_summary=False, max_steps=2, callbacks=[writer], num_sanity_val_steps=0,
+                      limit_val_batches=0)
+    trainer.fit(module, datamodule=datamodule)
+    rows = read_back(path)
+    # Every real and synthetic input row once, with its own fields, in input order.
+    assert [(r["source"], r["row_id"]) for r in rows] == [("real", i) for i in range(4)] + [
+        ("synthetic", i) for i in range(6)]
+    assert [r["annotator"] for r in rows[:4]] == [f"ann-{i}" for i in range(4)]
+    # By hand at the trained policy: Adam-preconditioned validation gradient, a forward difference per row.
+    policy = module.policy.eval()
+    params = policy.trainable_named_parameters()
+    direction = validation_direction(policy, params, list(datamodule.val_dataloader()),
+                                     adam_preconditioner(trainer.optimizers[0], list(params.values())))
+    expected = row_alignment(policy, params, direction, list(datamodule.predict_dataloader()))
+    assert [r["score"] for r in rows] == pytest.approx(expected.tolist(), rel=1e-5, abs=1e-6)
+    # Weights are the ranks of the alignment: ordered as it, mean 1, so FixedWeights' top fraction keeps the best.
+    weights = torch.tensor([r["weight"] for r in rows])
+    assert sorted(weights.tolist()) == pytest.approx([2 * k / 11 for k in range(1, 11)])
+    assert torch.argsort(weights).tolist() == torch.argsort(expected).tolist()
+    kept = FixedWeights(str(path), key="row_id", top_fraction=0.5, equal_weights=True)
+    assert kept is not None and writer.written_to == path

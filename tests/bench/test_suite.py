@@ -102,6 +102,20 @@ def test_retrain_reads_the_learned_run_of_its_seed_as_a_selection(tmp_path, maze
     assert sorted(weighting.table.values()) == [0.0, 1.0, 1.0]  # the top half of three rows: round(1.5) = 2 kept
 
 
+def test_retrain_alignment_reads_the_learned_runs_alignment_file(tmp_path, maze_run):
+    preset, ctx, files = maze_run
+    with pytest.raises(FileNotFoundError, match=r"maze-retrain_alignment-s0 retrains on the weights of maze-learned"):
+        cli_arguments(RunSpec("maze", "retrain_alignment", 0), preset, ctx, files)
+    path = tmp_path / "weights" / "maze-learned-s0-alignment.jsonl"
+    path.parent.mkdir()
+    path.write_text(json.dumps({"source": "real", "row_id": 0, "content_hash": "h", "weight": 1.0}) + "\n")
+    args = cli_arguments(RunSpec("maze", "retrain_alignment", 0), preset, ctx, files)
+    assert "--model.weighting=boost_lightning.weightings.FixedWeights" in args
+    assert f"--model.weighting.init_args.path={path}" in args
+    assert "--model.weighting.init_args.top_fraction=0.5" in args
+    assert resolve_methods("retrain_alignment") == ["retrain_alignment"]
+
+
 def test_the_utility_oracle_keeps_the_generators_of_positive_measured_utility(tmp_path, maze_run):
     from boost_lightning.cli import cli_main
 
