@@ -399,3 +399,24 @@ def test_alignment_writer_ranks_every_pool_row_by_its_alignment_at_the_trained_p
     assert torch.argsort(weights).tolist() == torch.argsort(expected).tolist()
     kept = FixedWeights(str(path), key="row_id", top_fraction=0.5, equal_weights=True)
     assert kept is not None and writer.written_to == path
+
+
+def test_score_by_alignment_then_retrain_on_the_top_half_from_the_command_line(inputs, tiny_cli_config, tmp_path):
+    config = tiny_cli_config(
+        data={split: inputs[split] for split in ("real", "synthetic", "validation")},
+        trainer={"max_steps": 4, "log_every_n_steps": 1})
+    (tmp_path / "config.yaml").write_text(json.dumps(config))
+    # 1. the BOOST run, scoring every real and synthetic row by its alignment once training ends (README recipe).
+    cli_main(["fit", "--config", "config.yaml", "--data.predict", "train",
+              "--trainer.callbacks+=boost_lightning.callbacks.AlignmentWriter",
+              "--trainer.callbacks.output_path", "alignment.jsonl", *QUIET])
+    rows = read_back(tmp_path / "alignment.jsonl")
+    assert len(rows) == 10 and {r["split"] for r in rows} == {"real", "synthetic"}
+    assert all("alignment" in r["features"] for r in rows)
+    # 2. a fresh policy on the top half, every kept row at weight 1.
+    cli = cli_main(["fit", "--config", "config.yaml", "--model.weighting", "boost_lightning.weightings.FixedWeights",
+                    "--model.weighting.init_args.path", "alignment.jsonl",
+                    "--model.weighting.init_args.top_fraction", "0.5",
+                    "--model.weighting.init_args.equal_weights", "true", *QUIET])
+    assert sorted(cli.model.weighting.table.values()) == [0.0] * 5 + [1.0] * 5
+    assert cli.model.inner_steps == 4 and cli.model.outer_steps == 0
