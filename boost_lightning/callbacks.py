@@ -424,8 +424,8 @@ class AlignmentWriter(Callback):
     A row's ``alignment`` is ⟨P·v, ∇ℓᵢ⟩: v the gradient of the mean validation loss over the whole validation split,
     P the policy optimizer's Adam preconditioner, as in the first-order hypergradient (positive: a step on the row
     lowers the validation loss). Cost: one validation forward and backward, then two no-grad forwards of every scored
-    row. Its ``weight`` is its rank, 2·rank/(n + 1) (mean 1, ordered as the alignment), so that ``top_fraction``
-    selects the best-aligned rows; its ``score`` is the alignment.
+    row. Its ``score`` is the alignment and its ``weight`` its rank, 2·rank/(n + 1) (ordered as the alignment), so
+    that ``top_fraction`` selects the best-aligned rows.
 
     Single process only: under data parallelism it warns and writes nothing.
 
@@ -433,13 +433,16 @@ class AlignmentWriter(Callback):
         output_path: Where to write (``.jsonl``, ``.parquet``, or a dataset directory). Default: ``alignment.jsonl``
             under ``trainer.log_dir`` or ``default_root_dir``.
         eps: Length of the forward-difference step along P·v.
+        keep_real: Rank the synthetic rows among themselves (n = their count) and give every real row weight 2, above
+            all of them, so that a selection never drops a trusted row. ``False``: every row competes on one scale.
     """
 
-    def __init__(self, output_path: str | None = None, eps: float = 1e-2) -> None:
+    def __init__(self, output_path: str | None = None, eps: float = 1e-2, keep_real: bool = True) -> None:
         if eps <= 0:
             raise ValueError(f"eps must be > 0, got {eps}")
         self.output_path = output_path
         self.eps = eps
+        self.keep_real = keep_real
         self.written_to: Path | None = None
 
     def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
@@ -478,11 +481,22 @@ class AlignmentWriter(Callback):
                         "score": value, "features": {"alignment": value}} for i, value in enumerate(values)]
         policy.train(was_training)
         rows = TrajectoryWeightWriter._with_originals(scored, datamodule)
-        order = sorted(range(len(rows)), key=lambda i: rows[i]["score"])
-        for rank, i in enumerate(order, start=1):
-            rows[i]["weight"] = 2 * rank / (len(rows) + 1)
-            rows[i]["features"] = rows[i].pop("features")
+        weights = alignment_ranks([r["score"] for r in rows], [r["source"] == "synthetic" for r in rows],
+                                  self.keep_real)
+        for row, weight in zip(rows, weights):
+            row["weight"] = weight
+            row["features"] = row.pop("features")
         path = (Path(self.output_path) if self.output_path
                 else Path(trainer.log_dir or trainer.default_root_dir) / "alignment.jsonl")
         TrajectoryWeightWriter._write(rows, path, TrajectoryWeightWriter().resolve_format(path))
         self.written_to = path
+
+
+def alignment_ranks(scores: list[float], synthetic: list[bool], keep_real: bool = True) -> list[float]:
+    """:class:`AlignmentWriter`'s weights: 2·rank/(n + 1) by score (rank 1 the lowest); with ``keep_real`` the
+    synthetic rows are ranked among themselves and every real row gets 2, above all of them."""
+    ranked = [i for i in range(len(scores)) if synthetic[i] or not keep_real]
+    weights = [2.0] * len(scores)
+    for rank, i in enumerate(sorted(ranked, key=lambda i: scores[i]), start=1):
+        weights[i] = 2 * rank / (len(ranked) + 1)
+    return weights

@@ -374,7 +374,7 @@ def test_alignment_writer_ranks_every_pool_row_by_its_alignment_at_the_trained_p
     from boost_lightning.callbacks import AlignmentWriter
 
     path = tmp_path / "alignment.jsonl"
-    writer = AlignmentWriter(str(path))
+    writer = AlignmentWriter(str(path), keep_real=False)
     module = make_module("uniform", policy_optimizer=lambda p: torch.optim.AdamW(p, lr=1e-2))
     datamodule = make_datamodule(predict="train")
     trainer = Trainer(accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
@@ -401,6 +401,15 @@ def test_alignment_writer_ranks_every_pool_row_by_its_alignment_at_the_trained_p
     assert kept is not None and writer.written_to == path
 
 
+def test_alignment_ranks_keep_real_rows_above_every_synthetic_row():
+    from boost_lightning.callbacks import alignment_ranks
+
+    scores, synthetic = [5.0, -1.0, 3.0, 0.0, 9.0], [False, False, True, True, True]
+    assert alignment_ranks(scores, synthetic, keep_real=False) == pytest.approx([2 * r / 6 for r in (4, 1, 3, 2, 5)])
+    # The synthetic rows ranked among themselves (n = 3); the real ones, even the worst aligned, at 2.
+    assert alignment_ranks(scores, synthetic) == pytest.approx([2.0, 2.0, 1.0, 0.5, 1.5])
+
+
 def test_score_by_alignment_then_retrain_on_the_top_half_from_the_command_line(inputs, tiny_cli_config, tmp_path):
     config = tiny_cli_config(
         data={split: inputs[split] for split in ("real", "synthetic", "validation")},
@@ -413,7 +422,8 @@ def test_score_by_alignment_then_retrain_on_the_top_half_from_the_command_line(i
     rows = read_back(tmp_path / "alignment.jsonl")
     assert len(rows) == 10 and {r["split"] for r in rows} == {"real", "synthetic"}
     assert all("alignment" in r["features"] for r in rows)
-    # 2. a fresh policy on the top half, every kept row at weight 1.
+    assert [r["weight"] for r in rows if r["source"] == "real"] == [2.0] * 4  # real rows are never dropped
+    # 2. a fresh policy on the top half, every kept row at weight 1: the 4 real rows and the best synthetic one.
     cli = cli_main(["fit", "--config", "config.yaml", "--model.weighting", "boost_lightning.weightings.FixedWeights",
                     "--model.weighting.init_args.path", "alignment.jsonl",
                     "--model.weighting.init_args.top_fraction", "0.5",
