@@ -51,7 +51,7 @@ LEVEL = 0.95
 REFERENCE_METHODS = ("oracle", "utility_oracle", "uniform", "real_only", "synthetic_only")
 #: Never the "best baseline": the oracles see the ground truth (labels, or measured utility); ``learned`` (and
 #: ``retrain``, which trains on its weights) is what the baselines are compared to.
-NOT_BASELINES = ("oracle", "utility_oracle", "learned", "retrain", "retrain_alignment")
+NOT_BASELINES = ("oracle", "utility_oracle", "learned", "retrain", "retrain_alignment", "retrain_combined")
 
 #: Headings of ``results.md``, in order (the README section takes the first three).
 SECTIONS = {"headroom": "Headroom", "methods": "Methods", "utility": "Generator utility",
@@ -302,7 +302,7 @@ def order_methods(methods: Sequence[str] | Mapping[str, Any]) -> list[str]:
         The distinct names in report order.
     """
     present = set(methods)
-    boost = [m for m in ("learned", "retrain", "retrain_alignment") if m in present]
+    boost = [m for m in ("learned", "retrain", "retrain_alignment", "retrain_combined") if m in present]
     rest = sorted(present - set(REFERENCE_METHODS) - set(boost))
     return [m for m in REFERENCE_METHODS if m in present] + rest + boost
 

@@ -65,8 +65,11 @@ UTILITY_ORACLE = "utility_oracle"
 #: (:class:`~boost_lightning.callbacks.AlignmentWriter`, ``weights/<task>-learned-s<seed>-alignment.jsonl``) instead of
 #: by the head's weights.
 RETRAIN_ALIGNMENT = "retrain_alignment"
+#: Both rankings at once: as :data:`RETRAIN`, but the synthetic rows ranked by the sum of their rank by the head's
+#: weight and their rank by alignment (real rows kept), written to ``weights/<task>-learned-s<seed>-combined.jsonl``.
+RETRAIN_COMBINED = "retrain_combined"
 #: Methods that are not weightings of the registry: they are built from other runs of the suite.
-DERIVED_METHODS = (RETRAIN, RETRAIN_ALIGNMENT, UTILITY_ORACLE)
+DERIVED_METHODS = (RETRAIN, RETRAIN_ALIGNMENT, RETRAIN_COMBINED, UTILITY_ORACLE)
 
 
 @dataclass(frozen=True)
@@ -331,7 +334,7 @@ def cli_arguments(spec: RunSpec, preset: Preset, ctx: RunContext, files: Mapping
         args += [f"--data.tokenizer={budget.model}", "--model.policy.init_args.config=null",
                  f"--model.policy.init_args.model_name_or_path={budget.model}",
                  "--model.policy.init_args.modules_to_save=null"]
-    if spec.method in (RETRAIN, RETRAIN_ALIGNMENT):
+    if spec.method in (RETRAIN, RETRAIN_ALIGNMENT, RETRAIN_COMBINED):
         args += retrain_arguments(spec, ctx)
     elif spec.method == UTILITY_ORACLE:
         args += ["--model.weighting=boost_lightning.weightings.Oracle",
@@ -350,13 +353,48 @@ def retrain_arguments(spec: RunSpec, ctx: RunContext) -> list[str]:
         FileNotFoundError: that ``learned`` run has not written its weights yet.
     """
     source = RunSpec(spec.task, "learned", spec.seed, spec.pool)
-    path = learned_weights_path(ctx, source, alignment=spec.method == RETRAIN_ALIGNMENT)
-    if not path.exists():
-        raise FileNotFoundError(f"{spec.run_id} retrains on the weights of {source.run_id}, which has not written "
-                                f"{path}: run --methods learned first (in the same suite, before {spec.method})")
+    needed = [learned_weights_path(ctx, source, alignment=spec.method != RETRAIN)] + (
+        [learned_weights_path(ctx, source)] if spec.method == RETRAIN_COMBINED else [])
+    for path in needed:
+        if not path.exists():
+            raise FileNotFoundError(f"{spec.run_id} retrains on the weights of {source.run_id}, which has not written "
+                                    f"{path}: run --methods learned first (in the same suite, before {spec.method})")
+    path = combined_ranking(*needed) if spec.method == RETRAIN_COMBINED else needed[0]
     return ["--model.weighting=boost_lightning.weightings.FixedWeights", f"--model.weighting.init_args.path={path}",
             f"--model.weighting.init_args.top_fraction={RETRAIN_TOP_FRACTION}",
             "--model.weighting.init_args.equal_weights=true"]
+
+
+def combined_ranking(alignment_path: Path, weights_path: Path) -> Path:
+    """:data:`RETRAIN_COMBINED`'s file beside ``alignment_path`` (``...-alignment.jsonl`` → ``...-combined.jsonl``):
+    the alignment file's rows, each synthetic row scored by its rank by alignment plus its rank by the head's weight
+    in ``weights_path`` (both among the synthetic rows), weighted by :func:`~boost_lightning.callbacks.alignment_ranks`
+    (real rows kept)."""
+    from boost_lightning.callbacks import alignment_ranks
+
+    def read(path: Path) -> list[dict[str, Any]]:
+        return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+    def ranks(values: list[float]) -> list[int]:
+        order = sorted(range(len(values)), key=values.__getitem__)
+        found = [0] * len(values)
+        for rank, i in enumerate(order, start=1):
+            found[i] = rank
+        return found
+
+    rows = read(alignment_path)
+    head = {(r["source"], r["row_id"]): r["weight"] for r in read(weights_path)}
+    synthetic = [r["source"] == "synthetic" for r in rows]
+    index = [i for i, s in enumerate(synthetic) if s]
+    by_alignment = ranks([rows[i]["score"] for i in index])
+    by_head = ranks([head[rows[i]["source"], rows[i]["row_id"]] for i in index])
+    scores = [0.0] * len(rows)
+    for i, a, h in zip(index, by_alignment, by_head):
+        scores[i] = float(a + h)
+    path = alignment_path.with_name(alignment_path.name.replace("-alignment.jsonl", "-combined.jsonl"))
+    path.write_text("".join(json.dumps({**r, "score": s, "weight": w}) + "\n"
+                            for r, s, w in zip(rows, scores, alignment_ranks(scores, synthetic))))
+    return path
 
 
 def learned_weights_path(ctx: RunContext, spec: RunSpec, alignment: bool = False) -> Path:

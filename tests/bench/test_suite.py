@@ -116,6 +116,33 @@ def test_retrain_alignment_reads_the_learned_runs_alignment_file(tmp_path, maze_
     assert resolve_methods("retrain_alignment") == ["retrain_alignment"]
 
 
+def test_retrain_combined_ranks_synthetic_rows_by_the_sum_of_both_rankings(tmp_path, maze_run):
+    preset, ctx, files = maze_run
+    weights = tmp_path / "weights"
+    weights.mkdir()
+    # Synthetic rows 0-3: alignment order 0 < 1 < 2 < 3, head order 3 < 2 < 0 < 1; a real row with low scores on both.
+    alignment = [("real", 0, -9.0), ("synthetic", 0, 0.1), ("synthetic", 1, 0.2), ("synthetic", 2, 0.3),
+                 ("synthetic", 3, 0.4)]
+    head = {("real", 0): 0.01, ("synthetic", 0): 0.5, ("synthetic", 1): 0.9, ("synthetic", 2): 0.2,
+            ("synthetic", 3): 0.1}
+    (weights / "maze-learned-s0-alignment.jsonl").write_text("".join(
+        json.dumps({"source": s, "row_id": i, "content_hash": f"{s}{i}", "score": a, "weight": 1.0}) + "\n"
+        for s, i, a in alignment))
+    (weights / "maze-learned-s0.jsonl").write_text("".join(
+        json.dumps({"source": s, "row_id": i, "content_hash": f"{s}{i}", "weight": w}) + "\n"
+        for (s, i), w in head.items()))
+    args = cli_arguments(RunSpec("maze", "retrain_combined", 0), preset, ctx, files)
+    combined = weights / "maze-learned-s0-combined.jsonl"
+    assert f"--model.weighting.init_args.path={combined}" in args
+    rows = [json.loads(line) for line in combined.read_text().splitlines()]
+    # Rank sums 1+3, 2+4, 3+2, 4+1 = 4, 6, 5, 5 (ties in input order): weights 2·rank/5; the real row at 2.
+    assert [r["score"] for r in rows] == [0.0, 4.0, 6.0, 5.0, 5.0]
+    assert [r["weight"] for r in rows] == pytest.approx([2.0, 0.4, 1.6, 0.8, 1.2])
+    (weights / "maze-learned-s1-alignment.jsonl").write_text((weights / "maze-learned-s0-alignment.jsonl").read_text())
+    with pytest.raises(FileNotFoundError, match="maze-learned-s1.jsonl"):
+        cli_arguments(RunSpec("maze", "retrain_combined", 1), preset, ctx, files)
+
+
 def test_the_utility_oracle_keeps_the_generators_of_positive_measured_utility(tmp_path, maze_run):
     from boost_lightning.cli import cli_main
 
