@@ -84,36 +84,25 @@ def maze_run(tmp_path):
     return PRESETS["quick"], ctx, {**files, "tokenizer": "embedded:maze"}
 
 
-def test_retrain_reads_the_learned_run_of_its_seed_as_a_selection(tmp_path, maze_run):
+@pytest.mark.parametrize(("method", "file"), [("retrain", "maze-learned-s1.jsonl"),
+                                            ("retrain_alignment", "maze-learned-s1-alignment.jsonl")])
+def test_retrain_reads_the_learned_run_of_its_seed_as_a_selection(tmp_path, maze_run, method, file):
     from boost_lightning.cli import cli_main
 
     preset, ctx, files = maze_run
-    with pytest.raises(FileNotFoundError, match=r"maze-retrain-s1 retrains on the weights of maze-learned-s1"):
-        cli_arguments(RunSpec("maze", "retrain", 1), preset, ctx, files)
-    weights = tmp_path / "weights" / "maze-learned-s1.jsonl"
+    with pytest.raises(FileNotFoundError, match=rf"maze-{method}-s1 retrains on the weights of maze-learned-s1"):
+        cli_arguments(RunSpec("maze", method, 1), preset, ctx, files)
+    weights = tmp_path / "weights" / file
     weights.parent.mkdir()
     weights.write_text("".join(json.dumps({"source": s, "row_id": i, "content_hash": f"h{i}", "weight": w}) + "\n"
                                for i, (s, w) in enumerate([("real", 3.0), ("synthetic", 0.2), ("synthetic", 1.0)])))
-    args = cli_arguments(RunSpec("maze", "retrain", 1), preset, ctx, files)
+    args = cli_arguments(RunSpec("maze", method, 1), preset, ctx, files)
     cli = cli_main([*args, "--trainer.logger=false"], run=False)
     weighting = cli.model.weighting
     assert type(weighting).__name__ == "FixedWeights" and weighting.path == str(weights)
     assert weighting.top_fraction == 0.5 and weighting.equal_weights
     assert sorted(weighting.table.values()) == [0.0, 1.0, 1.0]  # the top half of three rows: round(1.5) = 2 kept
-
-
-def test_retrain_alignment_reads_the_learned_runs_alignment_file(tmp_path, maze_run):
-    preset, ctx, files = maze_run
-    with pytest.raises(FileNotFoundError, match=r"maze-retrain_alignment-s0 retrains on the weights of maze-learned"):
-        cli_arguments(RunSpec("maze", "retrain_alignment", 0), preset, ctx, files)
-    path = tmp_path / "weights" / "maze-learned-s0-alignment.jsonl"
-    path.parent.mkdir()
-    path.write_text(json.dumps({"source": "real", "row_id": 0, "content_hash": "h", "weight": 1.0}) + "\n")
-    args = cli_arguments(RunSpec("maze", "retrain_alignment", 0), preset, ctx, files)
-    assert "--model.weighting=boost_lightning.weightings.FixedWeights" in args
-    assert f"--model.weighting.init_args.path={path}" in args
-    assert "--model.weighting.init_args.top_fraction=0.5" in args
-    assert resolve_methods("retrain_alignment") == ["retrain_alignment"]
+    assert resolve_methods(method) == [method]
 
 
 def test_retrain_combined_ranks_synthetic_rows_by_the_sum_of_both_rankings(tmp_path, maze_run):
