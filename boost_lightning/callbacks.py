@@ -17,6 +17,7 @@ from lightning.pytorch.callbacks import BasePredictionWriter
 from lightning.pytorch.utilities import rank_zero_warn
 
 from boost_lightning import cache
+from boost_lightning.data.collate import row_keys
 from boost_lightning.data.sources import content_hash, read_rows
 from boost_lightning.data.trajectory import IGNORE_INDEX, IMPLIED_SOURCE
 from boost_lightning.evaluation import RolloutEvaluation  # noqa: F401  (re-exported: older configs name it here)
@@ -474,11 +475,8 @@ class AlignmentWriter(Callback):
         for batch in datamodule.predict_dataloader():
             batch = on_device(batch)
             values = row_alignment(policy, params, direction, [batch], self.eps).tolist()
-            hashes = batch.get("content_hash")
-            scored += [{"row_id": int(batch["row_id"][i]), "task_id": batch["task_id"][i],
-                        "source": "synthetic" if float(batch["is_synthetic"][i]) > 0.5 else "real",
-                        **({"content_hash": hashes[i]} if hashes is not None else {}),
-                        "score": value, "features": {"alignment": value}} for i, value in enumerate(values)]
+            scored += [{**keys, "score": value, "features": {"alignment": value}}
+                       for keys, value in zip(row_keys(batch), values)]
         policy.train(was_training)
         rows = TrajectoryWeightWriter._with_originals(scored, datamodule)
         weights = alignment_ranks([r["score"] for r in rows], [r["source"] == "synthetic" for r in rows],
@@ -492,11 +490,19 @@ class AlignmentWriter(Callback):
         self.written_to = path
 
 
+def rank_order(values: list[float]) -> list[int]:
+    """Each value's rank, 1 for the lowest; ties ranked in input order."""
+    ranks = [0] * len(values)
+    for rank, i in enumerate(sorted(range(len(values)), key=values.__getitem__), start=1):
+        ranks[i] = rank
+    return ranks
+
+
 def alignment_ranks(scores: list[float], synthetic: list[bool], keep_real: bool = True) -> list[float]:
     """:class:`AlignmentWriter`'s weights: 2·rank/(n + 1) by score (rank 1 the lowest); with ``keep_real`` the
     synthetic rows are ranked among themselves and every real row gets 2, above all of them."""
     ranked = [i for i in range(len(scores)) if synthetic[i] or not keep_real]
     weights = [2.0] * len(scores)
-    for rank, i in enumerate(sorted(ranked, key=lambda i: scores[i]), start=1):
+    for i, rank in zip(ranked, rank_order([scores[i] for i in ranked])):
         weights[i] = 2 * rank / (len(ranked) + 1)
     return weights

@@ -53,7 +53,7 @@ from boost_lightning.bilevel.hypergradient import Hypergradient, HypergradientOp
 from boost_lightning.bilevel.policy import policy_hypergradient
 from boost_lightning.bilevel.schedule import BilevelSchedule
 from boost_lightning.bilevel.tradeoff import tradeoff
-from boost_lightning.data.collate import concat_batches, take_rows
+from boost_lightning.data.collate import concat_batches, row_keys, take_rows
 from boost_lightning.faults import (
     EmptyBatchError,
     FaultGuard,
@@ -586,13 +586,7 @@ class BoostModule(LightningModule):
         inputs = self.weighting.inputs(out, unit_columns(batch, out))
         scores = self.weighting.scores(inputs)
         names = self.weighting.input_names
-        hashes = batch.get("content_hash")
-        records = [{
-            "row_id": int(batch["row_id"][i]),
-            "task_id": batch["task_id"][i],
-            "source": "synthetic" if float(batch["is_synthetic"][i]) > 0.5 else "real",
-            **({"content_hash": hashes[i]} if hashes is not None else {}),
-        } for i in range(batch["input_ids"].shape[0])]
+        records = row_keys(batch)
         if out.unit_row is None:
             for i, record in enumerate(records):
                 record["score"] = float(scores[i])

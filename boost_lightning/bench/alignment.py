@@ -32,6 +32,7 @@ from torch import Tensor
 
 from boost_lightning.bilevel.policy import row_alignment, validation_direction
 from boost_lightning.bilevel.preconditioner import adam_preconditioner
+from boost_lightning.data.collate import concat_batches, take_rows
 
 #: Policy steps at which the default run is snapshotted.
 DEFAULT_SNAPSHOTS = (10, 50, 100, 200, 300)
@@ -40,35 +41,22 @@ REAL = "real"
 
 
 class Snapshot:
-    """The policy's trainable tensors and its Adam state at one step (copies; nothing live is kept).
+    """The policy's trainable tensors and its Adam preconditioner at one step (copies; nothing live is kept).
 
     Attributes:
         params: name → tensor (θ_t).
-        optimizer: An AdamW over the copies holding their second moments, for
-            :func:`~boost_lightning.bilevel.preconditioner.adam_preconditioner` (P_t); ``None`` before Adam's first
-            step (P = I).
+        precondition: P_t, from :func:`~boost_lightning.bilevel.preconditioner.adam_preconditioner` (which computes
+            its scales when called, so later optimizer steps do not change it); ``None`` without Adam moments
+            (P = I).
     """
 
     def __init__(self, params: Mapping[str, Tensor], optimizer: torch.optim.Optimizer | None) -> None:
         self.params = {n: p.detach().clone() for n, p in params.items()}
-        self.optimizer = None
-        if optimizer is not None:
-            live = list(params.values())
-            states = [optimizer.state.get(p, {}) for p in live]
-            if all("exp_avg_sq" in st for st in states):
-                group = next(g for g in optimizer.param_groups if any(q is live[0] for q in g["params"]))
-                copy = torch.optim.AdamW(list(self.params.values()), lr=group["lr"],
-                                         betas=group.get("betas", (0.9, 0.999)), eps=group.get("eps", 1e-8))
-                for p, st in zip(self.params.values(), states):
-                    copy.state[p] = {"exp_avg_sq": st["exp_avg_sq"].clone(), "step": st["step"].clone()
-                                     if torch.is_tensor(st["step"]) else st["step"]}
-                self.optimizer = copy
+        self.precondition = None if optimizer is None else adam_preconditioner(optimizer, list(params.values()))
 
     def direction(self, policy, validation: Sequence[Mapping[str, Any]]) -> list[Tensor]:
         """P_t·v_t, v_t = ∇ of the mean agent-token NLL over every row of ``validation`` (a list of batches)."""
-        precondition = None if self.optimizer is None else adam_preconditioner(self.optimizer,
-                                                                               list(self.params.values()))
-        return validation_direction(policy, self.params, validation, precondition)
+        return validation_direction(policy, self.params, validation, self.precondition)
 
 
 class SnapshotRecorder(Callback):
@@ -107,10 +95,7 @@ def pool_sample(datamodule, files: Mapping[str, Path], per_generator: int) -> tu
                 keep.append(j)
                 groups.append(group)
         if keep:
-            index = torch.tensor(keep)
-            batches.append({k: v[index] if torch.is_tensor(v) and v.shape[:1] == (size,) else
-                            [v[j] for j in keep] if isinstance(v, list) and len(v) == size else v
-                            for k, v in batch.items()})
+            batches.append(concat_batches([take_rows(batch, j, j + 1) for j in keep]))
     return batches, groups
 
 

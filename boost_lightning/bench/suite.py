@@ -370,24 +370,17 @@ def combined_ranking(alignment_path: Path, weights_path: Path) -> Path:
     the alignment file's rows, each synthetic row scored by its rank by alignment plus its rank by the head's weight
     in ``weights_path`` (both among the synthetic rows), weighted by :func:`~boost_lightning.callbacks.alignment_ranks`
     (real rows kept)."""
-    from boost_lightning.callbacks import alignment_ranks
+    from boost_lightning.callbacks import alignment_ranks, rank_order
 
     def read(path: Path) -> list[dict[str, Any]]:
         return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-
-    def ranks(values: list[float]) -> list[int]:
-        order = sorted(range(len(values)), key=values.__getitem__)
-        found = [0] * len(values)
-        for rank, i in enumerate(order, start=1):
-            found[i] = rank
-        return found
 
     rows = read(alignment_path)
     head = {(r["source"], r["row_id"]): r["weight"] for r in read(weights_path)}
     synthetic = [r["source"] == "synthetic" for r in rows]
     index = [i for i, s in enumerate(synthetic) if s]
-    by_alignment = ranks([rows[i]["score"] for i in index])
-    by_head = ranks([head[rows[i]["source"], rows[i]["row_id"]] for i in index])
+    by_alignment = rank_order([rows[i]["score"] for i in index])
+    by_head = rank_order([head[rows[i]["source"], rows[i]["row_id"]] for i in index])
     scores = [0.0] * len(rows)
     for i, a, h in zip(index, by_alignment, by_head):
         scores[i] = float(a + h)

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Mapping
 from typing import Any
 
 import torch
@@ -97,3 +98,13 @@ def concat_batches(parts: list[dict[str, Any]], pad_token_id: int = 0) -> dict[s
 def take_rows(batch: dict[str, Any], start: int, stop: int) -> dict[str, Any]:
     """Rows ``start`` to ``stop`` (exclusive) of a collated batch (every per-row tensor and list column)."""
     return {name: value[start:stop] for name, value in batch.items()}
+
+
+def row_keys(batch: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """Per row of a collated batch: ``row_id``, ``task_id``, ``source`` (``real`` / ``synthetic``) and, when the batch
+    has it, ``content_hash``: what a weights file keys a row by."""
+    hashes = batch.get("content_hash")
+    return [{"row_id": int(batch["row_id"][i]), "task_id": batch["task_id"][i],
+             "source": "synthetic" if float(batch["is_synthetic"][i]) > 0.5 else "real",
+             **({"content_hash": hashes[i]} if hashes is not None else {})}
+            for i in range(batch["input_ids"].shape[0])]

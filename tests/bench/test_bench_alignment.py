@@ -43,13 +43,16 @@ def test_a_snapshot_copies_the_parameters_and_the_adam_preconditioner(tiny_polic
     snapshot = Snapshot(live, optimizer)
     v = [torch.randn_like(p) for p in live.values()]
     expected = adam_preconditioner(optimizer, list(live.values()))(v)
-    got = adam_preconditioner(snapshot.optimizer, list(snapshot.params.values()))(v)
+    got = snapshot.precondition(v)
     assert all(torch.allclose(a, b) for a, b in zip(got, expected))
     before = {n: p.clone() for n, p in snapshot.params.items()}
-    _train_one_step(policy, batch)  # the live policy moves on; the snapshot does not
+    # The live policy and its Adam moments move on; the snapshot and its preconditioner do not.
+    policy.functional_losses(batch, live).mean().backward()
+    optimizer.step()
     assert all(torch.equal(snapshot.params[n], before[n]) for n in before)
     assert any(not torch.equal(live[n], before[n]) for n in before)
-    assert Snapshot(live, None).optimizer is None  # no Adam state: P = I
+    assert all(torch.allclose(a, b) for a, b in zip(snapshot.precondition(v), expected))
+    assert Snapshot(live, None).precondition is None  # no Adam state: P = I
 
 
 def test_table_means_per_group_and_rank_correlation_with_utility():
